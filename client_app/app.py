@@ -1,0 +1,53 @@
+"""The ClientApp: one train handler that runs the configured method's client step, and an
+evaluate handler that scores the global model on the node's validation split."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client_app import fedavg
+from client_app.local import ClientRound, device_for, node_data, node_seed
+from strategies import records
+from task.config import parse_run_config
+from task.data import ArrayData
+from task.metrics import classification_metrics, predict_probs
+
+# The client half of each strategy, by config name (the server half is in strategies.STRATEGIES).
+CLIENT_STEPS: dict[str, Callable[[ClientRound], RecordDict]] = {"fedavg": fedavg.train}
+
+app = ClientApp()
+
+
+def _round(msg: Message, context: Context) -> tuple[ClientRound, ArrayData]:
+    cfg = parse_run_config(context.run_config)
+    train, val, spec = node_data(cfg, tuple(sorted(context.node_config.items())))
+    server_round = int(msg.content.config_records[records.CONFIG][records.SERVER_ROUND])
+    round_ = ClientRound(
+        cfg=cfg,
+        content=msg.content,
+        state=context.state,
+        train=train,
+        spec=spec,
+        device=device_for(cfg),
+        seed=node_seed(cfg, context.node_config, context.node_id, server_round),
+    )
+    return round_, val
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    round_, _ = _round(msg, context)
+    return Message(CLIENT_STEPS[round_.cfg.strategy](round_), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    round_, val = _round(msg, context)
+    data = val if len(val) else round_.train
+    probs = predict_probs(round_.model_at(), data.x, round_.device)
+    metrics = {f"client-{k}": v for k, v in classification_metrics(probs, data.y).items()}
+    metrics[records.NUM_EXAMPLES] = len(data)
+    return Message(RecordDict({records.METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,64 @@
+"""What a client method gets for one round: config, the server's records, node state and data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from flwr.app import ConfigRecord, RecordDict
+from torch import nn
+
+from strategies import records
+from task.config import RunConfig
+from task.data import ArrayData, DataSpec, check_fits, data_spec, node_train_data, split_train_val
+from task.models import build_model, resolve_device
+from task.params import load_record
+
+VALIDATION_FRACTION = 0.2
+
+
+@dataclass
+class ClientRound:
+    cfg: RunConfig
+    content: RecordDict  # the server's message
+    state: RecordDict  # the node's state for this run (context.state)
+    train: ArrayData
+    spec: DataSpec
+    device: torch.device
+    seed: int  # distinct per node and round, fixed by the run's seed
+
+    @property
+    def config(self) -> ConfigRecord:
+        return self.content.config_records[records.CONFIG]
+
+    @property
+    def server_round(self) -> int:
+        return int(self.config[records.SERVER_ROUND])
+
+    def model_at(self, arrays_name: str = records.ARRAYS) -> nn.Module:
+        """The shared model architecture holding the server's arrays, on this node's device."""
+        model = build_model(self.cfg, self.spec)
+        load_record(model, self.content.array_records[arrays_name])
+        return model.to(self.device)
+
+
+@lru_cache(maxsize=8)
+def node_data(cfg: RunConfig, node_items: tuple) -> tuple[ArrayData, ArrayData, DataSpec]:
+    """(train, validation, spec) for a node, cached for the life of the process."""
+    spec = data_spec(cfg)
+    data = node_train_data(cfg, dict(node_items))
+    check_fits(data, spec, f"node data ({dict(node_items)})")
+    if data.input_shape != spec.input_shape:
+        data = ArrayData(data.x.reshape((len(data),) + spec.input_shape), data.y)
+    train, val = split_train_val(data, VALIDATION_FRACTION, cfg.seed)
+    return train, val, spec
+
+
+def node_seed(cfg: RunConfig, node_config: dict, node_id: int, server_round: int) -> int:
+    who = int(node_config.get("partition-id", node_id % 1_000_003))
+    return (cfg.seed * 1_000_003 + who * 10_007 + server_round) % (2**31 - 1)
+
+
+def device_for(cfg: RunConfig) -> torch.device:
+    return resolve_device(cfg.device)

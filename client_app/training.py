@@ -1,0 +1,68 @@
+"""The local training loop shared by every client method and optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from task.data import ArrayData
+
+
+def minibatch_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> float:
+    """One optimizer step on the mean cross-entropy of (x, y); returns the loss.
+
+    Optimizers that sample weights (IVON) expose `sampled_params`: the gradient is taken at
+    each sampled weight vector and the optimizer averages them in `step`.
+    """
+    loss_fn = nn.functional.cross_entropy
+    sampler = getattr(optimizer, "sampled_params", None)
+    if sampler is None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+    losses = []
+    for _ in range(optimizer.mc_samples):
+        optimizer.zero_grad(set_to_none=True)
+        with sampler(train=True):
+            loss = loss_fn(model(x), y)
+            loss.backward()
+        losses.append(loss.item())
+    optimizer.step()
+    return sum(losses) / len(losses)
+
+
+def train_epochs(
+    model: nn.Module,
+    data: ArrayData,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    after_step: Callable[[], None] | None = None,
+    after_epoch: Callable[[int], None] | None = None,
+) -> float:
+    """`epochs` passes over `data` in shuffled minibatches; returns the mean training loss."""
+    model.train()
+    torch.manual_seed(seed)  # weight sampling (IVON) draws from the global generator
+    order = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(data.x).to(device)
+    y = torch.from_numpy(data.y).to(device)
+    total, steps = 0.0, 0
+    for epoch in range(epochs):
+        perm = torch.randperm(len(y), generator=order).to(device)
+        for start in range(0, len(y), batch_size):
+            idx = perm[start : start + batch_size]
+            total += minibatch_step(model, optimizer, x[idx], y[idx])
+            steps += 1
+            if after_step is not None:
+                after_step()
+        if after_epoch is not None:
+            after_epoch(epoch)
+    return total / max(steps, 1)

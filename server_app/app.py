@@ -1,0 +1,91 @@
+"""The ServerApp: validate the run config, build the strategy, run the rounds, write outputs."""
+
+from __future__ import annotations
+
+import time
+from logging import ERROR, INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from server_app.evaluation import evaluate_mean
+from server_app.outputs import MODEL, RunOutputs
+from strategies import STRATEGIES
+from strategies.base import FederatedStrategy
+from task.config import ConfigError, RunConfig, parse_run_config
+from task.data import data_spec, server_test_set
+from task.models import build_model, resolve_device
+from task.params import model_to_record, record_to_numpy
+
+app = ServerApp()
+
+
+def payload_bytes(content: RecordDict) -> int:
+    return sum(int(r.count_bytes()) for r in content.values())
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        cfg = parse_run_config(context.run_config)
+        run(grid, cfg)
+    except ConfigError as err:
+        log(ERROR, "%s", err)
+        raise SystemExit(1) from None
+
+
+def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
+    spec, test = data_spec(cfg), server_test_set(cfg)
+    device = resolve_device(cfg.device)
+    model = build_model(cfg, spec)
+    arrays = model_to_record(model)
+    strategy: FederatedStrategy = STRATEGIES[cfg.strategy](cfg, arrays)
+    outputs = RunOutputs(cfg)
+    log(INFO, "Run %s: %s on %s, results in %s", cfg.strategy, cfg.model, cfg.dataset, outputs.dir)
+
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        started = time.perf_counter()
+        train_msgs = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        replies = list(grid.send_and_receive(train_msgs, timeout=cfg.round_timeout))
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        report = strategy.last_round
+
+        eval_msgs = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        eval_replies = list(grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout))
+        client_eval = strategy.aggregate_evaluate(server_round, eval_replies)
+
+        entry = {"round": server_round, **evaluate_mean(model, arrays, test, device)}
+        entry |= {
+            "sampled": len(train_msgs),
+            "replies": report.accepted,
+            "rejected": report.rejected,
+            "failed": report.failed + len(train_msgs) - len(replies),
+            "skipped": report.skipped,
+            "bytes_down": sum(payload_bytes(m.content) for m in train_msgs),
+            "bytes_up": sum(payload_bytes(m.content) for m in replies if not m.has_error()),
+            "eval_bytes_down": sum(payload_bytes(m.content) for m in eval_msgs),
+        }
+        entry |= {f"train_{k}": v for k, v in (train_metrics or {}).items()}
+        entry |= {k.replace("-", "_"): v for k, v in (client_eval or {}).items()}
+        entry["seconds"] = time.perf_counter() - started
+        outputs.add_round(entry)
+        log(INFO, "%s", progress_line(entry, cfg.num_server_rounds))
+
+    outputs.save_arrays(MODEL, record_to_numpy(arrays))
+    outputs.plot()
+    log(INFO, "Results: %s", outputs.dir)
+    return outputs
+
+
+def progress_line(entry: dict, num_rounds: int) -> str:
+    line = (
+        f"[round {entry['round']}/{num_rounds}] acc {entry['accuracy']:.4f} "
+        f"nll {entry['nll']:.4f} ece {entry['ece']:.4f}"
+    )
+    if "bma_accuracy" in entry:
+        line += f" | bma acc {entry['bma_accuracy']:.4f} nll {entry['bma_nll']:.4f}"
+    line += f" | replies {entry['replies']}/{entry['sampled']} | {entry['seconds']:.1f}s"
+    return line + (" | SKIPPED" if entry["skipped"] else "")

@@ -1,0 +1,87 @@
+"""What every run leaves behind: results.json, metrics.png and the final global model."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from task.config import RunConfig
+
+RESULTS, PLOT, MODEL = "results.json", "metrics.png", "model.npz"
+
+
+def resolve_output_dir(cfg: RunConfig) -> Path:
+    if cfg.output_dir:
+        path = Path(cfg.output_dir).expanduser()
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        path = Path("outputs") / f"{stamp}-{cfg.strategy}"
+    path = path.resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunOutputs:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.dir = resolve_output_dir(cfg)
+        self.results: dict[str, Any] = {"config": cfg.to_dict(), "rounds": []}
+
+    def add_round(self, entry: dict[str, Any]) -> None:
+        self.results["rounds"].append(entry)
+        self.write_results()
+
+    def write_results(self) -> None:
+        write_atomic(self.dir / RESULTS, json.dumps(self.results, indent=2).encode())
+
+    def save_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> Path:
+        path = self.dir / name
+        with tempfile.NamedTemporaryFile(dir=self.dir, suffix=".npz", delete=False) as f:
+            np.savez(f, **arrays)
+        os.replace(f.name, path)
+        return path
+
+    def plot(self) -> Path:
+        plot_rounds(self.results["rounds"], self.dir / PLOT, self.results["config"]["strategy"])
+        return self.dir / PLOT
+
+
+def plot_rounds(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    x = [r["round"] for r in rounds]
+    for ax, metric in zip(axes, ("accuracy", "nll")):
+        ax.plot(x, [r[metric] for r in rounds], marker="o", label="mean prediction")
+        if rounds and f"bma_{metric}" in rounds[-1]:
+            ax.plot(x, [r.get(f"bma_{metric}") for r in rounds], marker="s", label="BMA")
+        ax.set_xlabel("round")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{title}: server test set")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

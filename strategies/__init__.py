@@ -1,0 +1,6 @@
+"""Server strategies; `STRATEGIES` is the one place that maps a config name to a class."""
+
+from strategies.base import FederatedStrategy
+from strategies.fedavg import FedAvg
+
+STRATEGIES: dict[str, type[FederatedStrategy]] = {"fedavg": FedAvg}

@@ -1,0 +1,183 @@
+"""Plumbing shared by this project's strategies: node sampling, reply checks, evaluation rounds.
+
+A strategy subclass only packs and unpacks records, keeps server state and calls its method's
+pure math; everything that is the same for every method lives here.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from strategies import records
+from task.config import RunConfig
+
+
+class NotEnoughNodes(RuntimeError):
+    """Fewer nodes connected than the run needs, for longer than the round timeout."""
+
+
+@dataclass
+class RoundLog:
+    """What a strategy tells the round loop about the replies of one training round."""
+
+    accepted: int = 0
+    rejected: int = 0
+    failed: int = 0
+    skipped: bool = False
+    reasons: list[str] = field(default_factory=list)
+
+
+class FederatedStrategy(Strategy):
+    """Base class: subclasses implement `configure_train` and `aggregate_train`."""
+
+    def __init__(self, cfg: RunConfig, initial_arrays: ArrayRecord) -> None:
+        self.cfg = cfg
+        self.shapes = {k: tuple(initial_arrays[k].shape) for k in initial_arrays.keys()}
+        self.rng = random.Random(cfg.seed)
+        self.last_round = RoundLog()
+
+    # ------------------------------------------------------------------ sampling and messages
+
+    def sample_nodes(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+        """`max(ceil(fraction * connected), minimum)` nodes, waiting up to the round timeout."""
+        deadline = time.monotonic() + self.cfg.round_timeout
+        while len(nodes := sorted(grid.get_node_ids())) < minimum:
+            if time.monotonic() > deadline:
+                raise NotEnoughNodes(
+                    f"only {len(nodes)} node(s) connected, the run needs at least {minimum}"
+                )
+            log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), minimum)
+            time.sleep(1.0)
+        size = min(len(nodes), max(math.ceil(fraction * len(nodes)), minimum))
+        return sorted(self.rng.sample(nodes, size))
+
+    @staticmethod
+    def messages(
+        contents: Mapping[int, RecordDict], message_type: str, server_round: int
+    ) -> list[Message]:
+        return [
+            Message(content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
+            for node, content in contents.items()
+        ]
+
+    def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        out = ConfigRecord(dict(config))
+        out[records.SERVER_ROUND] = server_round
+        return out
+
+    # ------------------------------------------------------------------ reply checks
+
+    def check_replies(
+        self, replies: Iterable[Message], expected_arrays: Mapping[str, Mapping[str, tuple]]
+    ) -> list[Message]:
+        """The replies fit to aggregate; the others are logged and counted in `last_round`.
+
+        `expected_arrays` maps each ArrayRecord name to the shapes its arrays must have.
+        """
+        log_ = RoundLog()
+        valid = []
+        for reply in replies:
+            reason = self._problem(reply, expected_arrays)
+            if reason is None:
+                valid.append(reply)
+                continue
+            if reply.has_error():
+                log_.failed += 1
+            else:
+                log_.rejected += 1
+            log_.reasons.append(f"node {reply.metadata.src_node_id}: {reason}")
+            log(WARNING, "Reply from node %s not used: %s", reply.metadata.src_node_id, reason)
+        log_.accepted = len(valid)
+        self.last_round = log_
+        return valid
+
+    @staticmethod
+    def _problem(reply: Message, expected: Mapping[str, Mapping[str, tuple]]) -> str | None:
+        if reply.has_error():
+            return f"client error: {reply.error.reason}"
+        content = reply.content
+        for name, shapes in expected.items():
+            if name not in content.array_records:
+                return f"missing ArrayRecord '{name}'"
+            record = content.array_records[name]
+            if set(record.keys()) != set(shapes):
+                return f"ArrayRecord '{name}' has keys {sorted(record.keys())}, expected {sorted(shapes)}"
+            for key, shape in shapes.items():
+                array = record[key].numpy()
+                if tuple(array.shape) != tuple(shape):
+                    return f"'{name}/{key}' has shape {array.shape}, expected {shape}"
+                if not np.issubdtype(array.dtype, np.floating):
+                    return f"'{name}/{key}' has dtype {array.dtype}, expected a float type"
+                if not np.isfinite(array).all():
+                    return f"'{name}/{key}' has non-finite values"
+        metrics = content.metric_records.get(records.METRICS)
+        if metrics is None or records.NUM_EXAMPLES not in metrics:
+            return f"missing MetricRecord '{records.METRICS}' with '{records.NUM_EXAMPLES}'"
+        count = metrics[records.NUM_EXAMPLES]
+        if not isinstance(count, int) or count <= 0:
+            return f"'{records.NUM_EXAMPLES}' = {count!r} is not a positive integer"
+        return None
+
+    def skip_round(self, reason: str) -> tuple[None, None]:
+        self.last_round.skipped = True
+        self.last_round.reasons.append(reason)
+        log(WARNING, "Round skipped, global state unchanged: %s", reason)
+        return None, None
+
+    # ------------------------------------------------------------------ evaluation rounds
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.cfg.fraction_evaluate == 0:
+            return []
+        nodes = self.sample_nodes(grid, self.cfg.fraction_evaluate, 1)
+        content = RecordDict(
+            {records.ARRAYS: arrays, records.CONFIG: self.round_config(server_round, config)}
+        )
+        return self.messages({n: content for n in nodes}, MessageType.EVALUATE, server_round)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        metrics = [
+            r.content.metric_records[records.METRICS]
+            for r in replies
+            if not r.has_error() and records.METRICS in r.content.metric_records
+        ]
+        return weighted_metrics(metrics)
+
+    def posterior(self) -> tuple[ArrayRecord, ArrayRecord] | None:
+        """The global Gaussian (mean, precision) for strategies that keep one, else None."""
+        return None
+
+    def summary(self) -> None:
+        log(INFO, "%s with %s", type(self).__name__, self.cfg.to_dict())
+
+
+def weighted_metrics(metrics: list[MetricRecord]) -> MetricRecord | None:
+    """Example-weighted mean of every scalar metric (the weight key itself is summed)."""
+    usable = [m for m in metrics if m.get(records.NUM_EXAMPLES, 0) > 0]
+    if not usable:
+        return None
+    total = sum(int(m[records.NUM_EXAMPLES]) for m in usable)
+    out = MetricRecord({records.NUM_EXAMPLES: total})
+    keys = set.intersection(*(set(m.keys()) for m in usable)) - {records.NUM_EXAMPLES}
+    for key in sorted(keys):
+        values = [m[key] for m in usable]
+        if all(isinstance(v, (int, float)) for v in values):
+            out[key] = float(
+                sum(v * m[records.NUM_EXAMPLES] for v, m in zip(values, usable)) / total
+            )
+    return out

@@ -1,0 +1,7 @@
+"""Names of the records exchanged between the ServerApp and the ClientApp (both sides use these)."""
+
+ARRAYS = "arrays"  # model parameters (FedAvg weights, a posterior mean) or a FedPA delta
+CONFIG = "config"  # per-round settings sent down (server-round, lr, ...)
+METRICS = "metrics"  # per-reply metrics sent up, always with NUM_EXAMPLES
+NUM_EXAMPLES = "num-examples"
+SERVER_ROUND = "server-round"

@@ -1,0 +1,97 @@
+"""The run configuration: one pydantic model shared by the ServerApp and the ClientApp.
+
+Keys are kebab-case (Flower style) and mirror `[tool.flwr.app.config]` in pyproject.toml.
+`parse_run_config` turns any validation problem into one line naming the key, the value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+StrategyName = Literal["fedavg"]
+OptimizerName = Literal["sgd"]
+PartitionerName = Literal["iid", "dirichlet", "pathological"]
+ModelName = Literal["logreg", "mlp", "cnn"]
+
+
+class ConfigError(ValueError):
+    """A run config (or node config) that cannot be used; the message is one line."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+    strategy: StrategyName = "fedavg"
+    optimizer: OptimizerName = "sgd"
+    num_server_rounds: int = Field(20, ge=1)
+    # "digits", "synthetic", or a Hugging Face data set id read through flwr-datasets
+    # (e.g. "mnist", "fashion_mnist", "cifar10", or a local folder of data files).
+    dataset: str = Field("digits", min_length=1)
+    synthetic_alpha: float = Field(1.0, ge=0)
+    synthetic_beta: float = Field(1.0, ge=0)
+    partitioner: PartitionerName = "dirichlet"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    classes_per_client: int = Field(2, ge=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    model: ModelName = "mlp"
+    mlp_hidden: str = "200,100"
+    activation: Literal["relu", "sigmoid", "tanh"] = "relu"
+    local_epochs: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    server_lr: float = Field(1.0, gt=0)
+    server_momentum: float = Field(0.0, ge=0, lt=1)
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, ge=0, le=1)
+    min_train_nodes: int = Field(2, ge=1)
+    round_timeout: float = Field(600.0, gt=0)
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = ""
+
+    @field_validator("mlp_hidden")
+    @classmethod
+    def _hidden_sizes_are_positive_ints(cls, value: str) -> str:
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError("must be a comma-separated list of positive integers, e.g. '200,100'")
+        return ",".join(parts)
+
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        return tuple(int(p) for p in self.mlp_hidden.split(","))
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True)
+
+
+def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
+    """Validate a Flower run config; raise ConfigError with one line on the first problem."""
+    try:
+        return RunConfig.model_validate(dict(raw))
+    except ValidationError as err:
+        raise ConfigError(_describe(err, raw)) from None
+
+
+def _describe(err: ValidationError, raw: Mapping[str, Any]) -> str:
+    first = err.errors()[0]
+    key = str(first["loc"][0]) if first["loc"] else "?"
+    value = raw.get(key, first.get("input"))
+    if first["type"] == "extra_forbidden":
+        known = ", ".join(sorted(RunConfig.model_json_schema(by_alias=True)["properties"]))
+        return f"run config: unknown key '{key}' (= {value!r}); known keys: {known}"
+    message = first["msg"].removeprefix("Value error, ")
+    more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
+    return f"run config: '{key}' = {value!r} is invalid: {message}{more}"

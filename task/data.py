@@ -1,0 +1,288 @@
+"""Data sources and federated partitions.
+
+Offline sources (`digits`, `synthetic`) are built as a local `datasets.Dataset` and split with
+flwr-datasets partitioners; any other `dataset` name goes to flwr-datasets' `FederatedDataset`
+(a Hugging Face id such as `mnist`, or a local folder of data files). A node with its own data
+sets `data-path` in its node config (a `.npz` with arrays `x`, `y`, or a `save_to_disk` folder).
+Everything is deterministic given the run config's `seed`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import ClassLabel, Dataset, DatasetDict, load_from_disk
+from flwr_datasets import FederatedDataset
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+)
+
+from task.config import ConfigError, RunConfig
+
+LABEL_COLUMNS = ("label", "labels", "fine_label", "y")
+INPUT_COLUMNS = ("x", "image", "img", "pixels", "features")
+OFFLINE_SOURCES = ("digits", "synthetic")
+SYNTHETIC_DEVICES = 30  # generator "devices" in the FedProx Synthetic(alpha, beta) recipe
+SYNTHETIC_DIM, SYNTHETIC_CLASSES = 60, 10
+
+
+@dataclass(frozen=True)
+class ArrayData:
+    """Inputs `x` (float32, N x input_shape) and integer labels `y` (int64, N)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise ConfigError(f"data has {len(self.x)} inputs but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model must accept: the same on the server and on every node."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+# ----------------------------------------------------------------------------- offline sources
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    return x, bunch.target.astype(np.int64)
+
+
+def synthetic_fedprox(
+    alpha: float, beta: float, seed: int, devices: int = SYNTHETIC_DEVICES
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FedProx's Synthetic(alpha, beta): per-device softmax-regression data (x, y, device).
+
+    alpha controls how much the devices' models differ, beta how much their inputs differ.
+    """
+    rng = np.random.default_rng(seed)
+    sizes = (rng.lognormal(4, 2, devices).astype(int) + 50).clip(max=1000)
+    cov = np.diag(np.arange(1, SYNTHETIC_DIM + 1, dtype=np.float64) ** -1.2)
+    xs, ys, ids = [], [], []
+    for device, size in enumerate(sizes):
+        u, b_shift = rng.normal(0, np.sqrt(alpha)), rng.normal(0, np.sqrt(beta))
+        w = rng.normal(u, 1, (SYNTHETIC_DIM, SYNTHETIC_CLASSES))
+        b = rng.normal(u, 1, SYNTHETIC_CLASSES)
+        v = rng.normal(b_shift, 1, SYNTHETIC_DIM)
+        x = rng.multivariate_normal(v, cov, size)
+        xs.append(x.astype(np.float32))
+        ys.append(np.argmax(x @ w + b, axis=1))
+        ids.append(np.full(size, device))
+    return np.concatenate(xs), np.concatenate(ys).astype(np.int64), np.concatenate(ids)
+
+
+def _offline_arrays(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    if cfg.dataset == "digits":
+        return _digits()
+    x, y, _ = synthetic_fedprox(cfg.synthetic_alpha, cfg.synthetic_beta, cfg.seed)
+    return x, y
+
+
+@lru_cache(maxsize=4)
+def _offline_split(cfg: RunConfig) -> tuple[Dataset, ArrayData]:
+    """Training pool (a `datasets.Dataset` for the partitioners) and the server's test set."""
+    from sklearn.model_selection import train_test_split
+
+    x, y = _offline_arrays(cfg)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=cfg.test_fraction, random_state=cfg.seed, stratify=y
+    )
+    pool = Dataset.from_dict({"x": x_train, "label": y_train})
+    return pool, ArrayData(x_test, y_test)
+
+
+# ----------------------------------------------------------------------------- partitioners
+
+
+def build_partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:
+    if cfg.partitioner == "iid":
+        return IidPartitioner(num_partitions)
+    if cfg.partitioner == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions,
+            partition_by="label",
+            alpha=cfg.dirichlet_alpha,
+            min_partition_size=2,
+            self_balancing=False,
+            seed=cfg.seed,
+        )
+    return PathologicalPartitioner(
+        num_partitions,
+        partition_by="label",
+        num_classes_per_partition=cfg.classes_per_client,
+        class_assignment_mode="first-deterministic",
+        seed=cfg.seed,
+    )
+
+
+@lru_cache(maxsize=4)
+def _offline_partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:
+    pool, _ = _offline_split(cfg)
+    partitioner = build_partitioner(cfg, num_partitions)
+    # IidPartitioner has no seed of its own: shuffle the pool with ours first.
+    partitioner.dataset = pool.shuffle(seed=cfg.seed)
+    return partitioner
+
+
+@lru_cache(maxsize=4)
+def _federated_dataset(cfg: RunConfig, num_partitions: int) -> FederatedDataset:
+    return FederatedDataset(
+        dataset=cfg.dataset,
+        partitioners={"train": build_partitioner(cfg, num_partitions)},
+        seed=cfg.seed,
+    )
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def server_test_set(cfg: RunConfig) -> ArrayData:
+    """The held-out test set the server evaluates the global model on."""
+    if cfg.dataset in OFFLINE_SOURCES:
+        return _offline_split(cfg)[1]
+    fds = _federated_dataset(cfg, 1)
+    try:
+        test = fds.load_split("test")
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"dataset '{cfg.dataset}' has no 'test' split for the server") from err
+    return dataset_to_arrays(test)
+
+
+def data_spec(cfg: RunConfig) -> DataSpec:
+    test = server_test_set(cfg)
+    return DataSpec(test.input_shape, _num_classes(cfg, test))
+
+
+def _num_classes(cfg: RunConfig, test: ArrayData) -> int:
+    if cfg.dataset == "digits" or cfg.dataset == "synthetic":
+        return 10
+    features = _federated_dataset(cfg, 1).load_split("test").features
+    label = next(c for c in LABEL_COLUMNS if c in features)
+    if isinstance(features[label], ClassLabel):
+        return features[label].num_classes
+    return int(test.y.max()) + 1
+
+
+def partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> ArrayData:
+    """Partition `partition_id` of `num_partitions` of the training pool."""
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(
+            f"node config: partition-id {partition_id} is outside 0..{num_partitions - 1}"
+        )
+    if cfg.dataset in OFFLINE_SOURCES:
+        part = _offline_partitioner(cfg, num_partitions).load_partition(partition_id)
+    else:
+        part = _federated_dataset(cfg, num_partitions).load_partition(partition_id, "train")
+    return dataset_to_arrays(part)
+
+
+def load_local_data(path: str | Path) -> ArrayData:
+    """A node's own data: a `.npz` with arrays `x`, `y`, or a `datasets.save_to_disk` folder."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"node config: data-path '{path}' does not exist")
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise ConfigError(f"node config: data-path '{path}' is a file but not a .npz")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                missing = {"x", "y"} - set(npz.files)
+                if missing:
+                    raise ConfigError(f"data-path '{path}' lacks array(s) {sorted(missing)}")
+                return _as_array_data(npz["x"], npz["y"])
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"data-path '{path}' is not a readable .npz: {err}") from err
+    try:
+        loaded = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"data-path '{path}' is not a datasets.save_to_disk folder") from err
+    if isinstance(loaded, DatasetDict):
+        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+    return dataset_to_arrays(loaded)
+
+
+def node_train_data(cfg: RunConfig, node_config: dict[str, Any]) -> ArrayData:
+    """The data a node trains on: its `data-path`, else its partition of the named data set."""
+    if "data-path" in node_config:
+        return load_local_data(str(node_config["data-path"]))
+    try:
+        pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    except KeyError as err:
+        raise ConfigError(
+            f"node config needs 'data-path', or 'partition-id' and 'num-partitions' (missing {err})"
+        ) from None
+    return partition(cfg, pid, n)
+
+
+def split_train_val(data: ArrayData, val_fraction: float, seed: int) -> tuple[ArrayData, ArrayData]:
+    """A local validation split for client-side evaluation (empty when the data is tiny)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(data))
+    n_val = int(len(data) * val_fraction) if len(data) >= 5 else 0
+    val, train = order[:n_val], order[n_val:]
+    return ArrayData(data.x[train], data.y[train]), ArrayData(data.x[val], data.y[val])
+
+
+def check_fits(data: ArrayData, spec: DataSpec, where: str) -> None:
+    if data.input_shape != spec.input_shape and int(np.prod(data.input_shape)) != int(
+        np.prod(spec.input_shape)
+    ):
+        raise ConfigError(
+            f"{where}: inputs have shape {data.input_shape} but the model expects {spec.input_shape}"
+        )
+    if len(data) and (data.y.min() < 0 or data.y.max() >= spec.num_classes):
+        raise ConfigError(
+            f"{where}: labels span {data.y.min()}..{data.y.max()} but the model has "
+            f"{spec.num_classes} classes"
+        )
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def dataset_to_arrays(ds: Dataset) -> ArrayData:
+    label = next((c for c in LABEL_COLUMNS if c in ds.column_names), None)
+    inputs = next((c for c in INPUT_COLUMNS if c in ds.column_names), None)
+    if label is None or inputs is None:
+        raise ConfigError(
+            f"data set columns {ds.column_names} need an input column (one of {INPUT_COLUMNS}) "
+            f"and a label column (one of {LABEL_COLUMNS})"
+        )
+    numpy_view = ds.with_format("numpy")
+    return _as_array_data(np.asarray(numpy_view[inputs]), np.asarray(numpy_view[label]))
+
+
+def _as_array_data(x: np.ndarray, y: np.ndarray) -> ArrayData:
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    x = x.astype(np.float32)
+    if x.ndim == 3:  # grey images N x H x W
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):  # N x H x W x C
+        x = x.transpose(0, 3, 1, 2)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise ConfigError(f"labels must be a 1-D integer array, got {y.dtype} of shape {y.shape}")
+    return ArrayData(np.ascontiguousarray(x), y.astype(np.int64))

@@ -1,0 +1,51 @@
+"""Classification metrics on predicted class probabilities: accuracy, NLL and ECE."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+ECE_BINS = 15
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(probs, axis=1) == labels))
+
+
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true labels (probabilities floored at 1e-12)."""
+    return float(-np.mean(np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12))))
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error over equal-width confidence bins (lo, hi]."""
+    confidence = probs.max(axis=1)
+    correct = np.argmax(probs, axis=1) == labels
+    bin_index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        in_bin = bin_index == b
+        if in_bin.any():
+            total += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(total)
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    return {
+        "accuracy": accuracy(probs, labels),
+        "nll": nll(probs, labels),
+        "ece": ece(probs, labels),
+    }
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 1024
+) -> np.ndarray:
+    model.eval()
+    out = []
+    for start in range(0, len(x), batch_size):
+        batch = torch.from_numpy(x[start : start + batch_size]).to(device)
+        out.append(torch.softmax(model(batch).double(), dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0))
