@@ -48,6 +48,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     round_, val = _round(msg, context)
     data = val if len(val) else round_.train
     probs = predict_probs(round_.model_at(), data.x, round_.device)
-    metrics = {f"client-{k}": v for k, v in classification_metrics(probs, data.y).items()}
+    metrics = dict(classification_metrics(probs, data.y))
     metrics[records.NUM_EXAMPLES] = len(data)
     return Message(RecordDict({records.METRICS: MetricRecord(metrics)}), reply_to=msg)

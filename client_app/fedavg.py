@@ -22,7 +22,7 @@ def train(round_: ClientRound) -> RecordDict:
         {
             records.ARRAYS: model_to_record(model),
             records.METRICS: MetricRecord(
-                {records.NUM_EXAMPLES: len(round_.train), "train-loss": loss}
+                {records.NUM_EXAMPLES: len(round_.train), "loss": loss}
             ),
         }
     )

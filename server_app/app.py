@@ -32,7 +32,7 @@ def main(grid: Grid, context: Context) -> None:
         run(grid, cfg)
     except ConfigError as err:
         log(ERROR, "%s", err)
-        raise SystemExit(1) from None
+        raise  # the run ends finished:failed
 
 
 def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
@@ -68,8 +68,7 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
             "bytes_up": sum(payload_bytes(m.content) for m in replies if not m.has_error()),
             "eval_bytes_down": sum(payload_bytes(m.content) for m in eval_msgs),
         }
-        entry |= {f"train_{k}": v for k, v in (train_metrics or {}).items()}
-        entry |= {k.replace("-", "_"): v for k, v in (client_eval or {}).items()}
+        entry |= _prefixed("train", train_metrics) | _prefixed("client", client_eval)
         entry["seconds"] = time.perf_counter() - started
         outputs.add_round(entry)
         log(INFO, "%s", progress_line(entry, cfg.num_server_rounds))
@@ -78,6 +77,10 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
     outputs.plot()
     log(INFO, "Results: %s", outputs.dir)
     return outputs
+
+
+def _prefixed(prefix: str, metrics: dict | None) -> dict:
+    return {f"{prefix}_{k}".replace("-", "_"): v for k, v in (metrics or {}).items()}
 
 
 def progress_line(entry: dict, num_rounds: int) -> str:

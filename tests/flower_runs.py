@@ -1,0 +1,79 @@
+"""Run this app with the real `flwr` CLI and a managed local SuperLink, isolated per test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class FlowerRun:
+    run_id: int
+    status: str
+    logs: str
+
+
+class LocalFederation:
+    """A private FLWR_HOME and local SuperLink ports, so tests never share state or ports."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(home),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        }
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["flwr", *args], cwd=APP_DIR, env=self.env, capture_output=True, text=True,
+            timeout=timeout,
+        )
+
+    def run(self, run_config: str, num_supernodes: int, timeout: float = 600) -> FlowerRun:
+        started = self.flwr(
+            "run", ".", "--format", "json", "--run-config", run_config,
+            "--federation-config", f"num-supernodes={num_supernodes}",
+        )
+        assert started.returncode == 0, started.stdout + started.stderr
+        run_id = int(json.loads(started.stdout)["run-id"])
+        deadline = time.monotonic() + timeout
+        status = "unknown"
+        while time.monotonic() < deadline:
+            listed = self.flwr("ls", "--run-id", str(run_id), "--format", "json")
+            if listed.returncode == 0:
+                status = json.loads(listed.stdout)["runs"][0]["status"]
+                if status.startswith("finished"):
+                    break
+            time.sleep(2)
+        logs = self.flwr("log", str(run_id), "--show").stdout
+        return FlowerRun(run_id, status, logs)
+
+    def stop(self) -> None:
+        """Kill the background SuperLink (and its children) that `flwr run` started for us."""
+        out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            pid, _, args = line.strip().partition(" ")
+            if str(self.home) in args and "flower-superlink" in args:
+                try:
+                    os.killpg(os.getpgid(int(pid)), signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                except PermissionError:
+                    os.kill(int(pid), signal.SIGTERM)

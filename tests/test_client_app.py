@@ -1,0 +1,93 @@
+"""The ClientApp handlers called in-process with real Messages and Contexts."""
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client_app.app import evaluate, train
+from strategies import records
+from task.config import parse_run_config
+from task.data import data_spec, partition
+from task.models import build_model
+from task.params import model_to_record, record_to_numpy
+
+DEFAULTS = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def _context(node_config, **run_config):
+    return Context(
+        run_id=1,
+        node_id=42,
+        node_config=node_config,
+        state=RecordDict(),
+        run_config={**DEFAULTS, **run_config},
+    )
+
+
+def _instruction(message_type, arrays, server_round=1):
+    content = RecordDict(
+        {records.ARRAYS: arrays, records.CONFIG: ConfigRecord({records.SERVER_ROUND: server_round})}
+    )
+    return Message(content, dst_node_id=42, message_type=message_type)
+
+
+@pytest.fixture
+def global_arrays():
+    cfg = parse_run_config({**DEFAULTS, "model": "logreg"})
+    return model_to_record(build_model(cfg, data_spec(cfg)))
+
+
+def test_train_handler_returns_trained_weights_and_example_count(global_arrays):
+    ctx = _context({"partition-id": 3, "num-partitions": 10}, model="logreg", **{"local-epochs": 1})
+    out = train(_instruction(MessageType.TRAIN, global_arrays), ctx)
+    assert not out.has_error()
+    sent = record_to_numpy(global_arrays)
+    got = record_to_numpy(out.content.array_records[records.ARRAYS])
+    assert got.keys() == sent.keys()
+    assert all(got[k].shape == sent[k].shape for k in got)
+    assert any(not np.allclose(got[k], sent[k]) for k in got), "training did not move the weights"
+    cfg = parse_run_config(ctx.run_config)
+    local = partition(cfg, 3, 10)
+    n_val = int(len(local) * 0.2)
+    assert out.content.metric_records[records.METRICS][records.NUM_EXAMPLES] == len(local) - n_val
+
+
+def test_train_is_deterministic_per_seed(global_arrays):
+    outs = [
+        train(
+            _instruction(MessageType.TRAIN, global_arrays),
+            _context({"partition-id": 0, "num-partitions": 5}, model="logreg"),
+        )
+        for _ in range(2)
+    ]
+    a, b = (record_to_numpy(o.content.array_records[records.ARRAYS]) for o in outs)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_evaluate_handler_scores_the_global_model(global_arrays):
+    ctx = _context({"partition-id": 1, "num-partitions": 4}, model="logreg")
+    out = evaluate(_instruction(MessageType.EVALUATE, global_arrays), ctx)
+    metrics = out.content.metric_records[records.METRICS]
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["nll"] > 0 and 0 <= metrics["ece"] <= 1
+    assert metrics[records.NUM_EXAMPLES] == int(len(partition(parse_run_config(ctx.run_config), 1, 4)) * 0.2)
+
+
+def test_node_with_its_own_npz_trains_on_it(tmp_path, global_arrays):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "site.npz"
+    np.savez(path, x=rng.random((40, 1, 8, 8), dtype=np.float32), y=rng.integers(0, 10, 40))
+    out = train(
+        _instruction(MessageType.TRAIN, global_arrays),
+        _context({"data-path": str(path)}, model="logreg"),
+    )
+    assert out.content.metric_records[records.METRICS][records.NUM_EXAMPLES] == 32
+
+
+def test_node_without_data_gets_a_clear_error(global_arrays):
+    from task.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data-path"):
+        train(_instruction(MessageType.TRAIN, global_arrays), _context({}, model="logreg"))
