@@ -70,6 +70,7 @@ def plot_rounds(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     x = [r["round"] for r in rounds]
@@ -77,6 +78,7 @@ def plot_rounds(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.plot(x, [r[metric] for r in rounds], marker="o", label="mean prediction")
         if rounds and f"bma_{metric}" in rounds[-1]:
             ax.plot(x, [r.get(f"bma_{metric}") for r in rounds], marker="s", label="BMA")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
