@@ -10,6 +10,7 @@ from flwr.clientapp import ClientApp
 
 from client_app import fedavg
 from client_app.local import ClientRound, device_for, node_data, node_seed
+from client_app.state import ClientState
 from strategies import records
 from task.config import parse_run_config
 from task.data import ArrayData
@@ -51,3 +52,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = dict(classification_metrics(probs, data.y))
     metrics[records.NUM_EXAMPLES] = len(data)
     return Message(RecordDict({records.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query(records.FINISH_ACTION)
+def finish(msg: Message, context: Context) -> Message:
+    """The run is over: drop this node's saved state for it."""
+    ClientState(context).clear()
+    return Message(RecordDict(), reply_to=msg)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from logging import ERROR, INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from server_app.evaluation import evaluate_mean
 from server_app.outputs import MODEL, RunOutputs
-from strategies import STRATEGIES
+from strategies import STRATEGIES, records
 from strategies.base import FederatedStrategy
 from task.config import ConfigError, RunConfig, parse_run_config
 from task.data import data_spec, server_test_set
@@ -73,10 +73,20 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
         outputs.add_round(entry)
         log(INFO, "%s", progress_line(entry, cfg.num_server_rounds))
 
+    _announce_finish(grid, cfg)
     outputs.save_arrays(MODEL, record_to_numpy(arrays))
     outputs.plot()
     log(INFO, "Results: %s", outputs.dir)
     return outputs
+
+
+def _announce_finish(grid: Grid, cfg: RunConfig) -> None:
+    """Tell every connected node that the run is over, so it can delete its saved state."""
+    messages = [
+        Message(RecordDict(), dst_node_id=node, message_type=f"{MessageType.QUERY}.{records.FINISH_ACTION}")
+        for node in grid.get_node_ids()
+    ]
+    grid.send_and_receive(messages, timeout=min(cfg.round_timeout, 60.0))
 
 
 def _prefixed(prefix: str, metrics: dict | None) -> dict:

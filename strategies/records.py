@@ -5,3 +5,4 @@ CONFIG = "config"  # per-round settings sent down (server-round, lr, ...)
 METRICS = "metrics"  # per-reply metrics sent up, always with NUM_EXAMPLES
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
+FINISH_ACTION = "finish"  # query action sent to every node when the run ends

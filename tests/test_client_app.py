@@ -91,3 +91,15 @@ def test_node_without_data_gets_a_clear_error(global_arrays):
 
     with pytest.raises(ConfigError, match="data-path"):
         train(_instruction(MessageType.TRAIN, global_arrays), _context({}, model="logreg"))
+
+
+def test_finish_query_removes_the_node_state(tmp_path):
+    import numpy as np
+    from client_app.app import finish
+    from client_app.state import ClientState
+
+    ctx = _context({"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path)})
+    ClientState(ctx).save({"dual": np.ones(3)}, server_round=1)
+    msg = Message(RecordDict(), dst_node_id=42, message_type=f"{MessageType.QUERY}.{records.FINISH_ACTION}")
+    finish(msg, ctx)
+    assert ClientState(ctx).load() == {} and list(tmp_path.iterdir()) == []
