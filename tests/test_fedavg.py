@@ -128,3 +128,11 @@ def test_fraction_train_samples_a_seeded_subset(fake_grid):
         picks.append(sorted(m.metadata.dst_node_id for m in msgs))
     assert len(picks[0]) == 5 and picks[0] == picks[1]
     assert set(picks[0]) <= set(nodes)
+
+
+def test_round_messages_expire_when_the_round_stops_waiting(fake_grid):
+    # A node that comes back after a round must not pull and train on that round's message.
+    strategy = _strategy(**{"round-timeout": 42.0, "fraction-evaluate": 1.0})
+    train = strategy.configure_train(1, _record(np.zeros(2)), ConfigRecord(), fake_grid([1, 2]))
+    evaluate = strategy.configure_evaluate(1, _record(np.zeros(2)), ConfigRecord(), fake_grid([1, 2]))
+    assert [m.metadata.ttl for m in [*train, *evaluate]] == [42.0] * 4
