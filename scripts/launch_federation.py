@@ -99,6 +99,8 @@ class Federation:
     def __init__(self, root: Path, spec: FederationSpec) -> None:
         self.root = root.resolve()
         self.spec = spec
+        # Processes started by this object, by member name (the CLI's later calls use pids).
+        self.procs: dict[str, subprocess.Popen] = {}
 
     # ------------------------------------------------------------------ layout
 
@@ -267,7 +269,15 @@ class Federation:
                 command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=self.env(member, home), cwd=home, start_new_session=True,
             )
+        self.procs[member] = proc
         return proc.pid
+
+    def wait_exit(self, member: str, timeout: float) -> int:
+        """The exit code of a member this object started; FederationError if it still runs."""
+        try:
+            return self.procs[member].wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise FederationError(f"{member} still runs after {timeout:.0f}s") from None
 
     def superlink_command(self) -> list[str]:
         certs, ports = self.certs, self.spec.ports
@@ -351,9 +361,22 @@ class Federation:
         raise FederationError(f"registering node {node.index} failed:\n{done.stdout}{done.stderr}")
 
     def start_node(self, index: int, wait: bool = True, timeout: float = 120.0) -> None:
+        """Start (or restart) node `index` with its key, data and state-dir.
+
+        The SuperLink refuses to activate a node it still counts as online, and it counts a
+        node that died without saying goodbye as online until two missed heartbeats (up to
+        60 s). A restart therefore first waits, up to `timeout`, for the SuperLink to see it
+        offline."""
         node = self.node(index)
         if node.pid is not None and self._alive(node.pid):
             raise FederationError(f"node {index} is already running (pid {node.pid})")
+        previous_id = self.node_id(index) if self.log_path(f"node-{index}").exists() else None
+        if previous_id is not None:
+            deadline = time.monotonic() + timeout
+            while previous_id in self.online_node_ids():
+                if time.monotonic() > deadline:
+                    raise FederationError(f"SuperLink still counts node {index} online after {timeout:.0f}s")
+                time.sleep(2.0)
         node.pid = self._spawn(f"node-{index}", self.supernode_command(node), self.node_dir(index) / "home")
         self.save()
         if wait:
@@ -366,7 +389,7 @@ class Federation:
         return json.loads(listed.stdout).get("nodes", [])
 
     def online_node_ids(self) -> list[int]:
-        return [int(n["node_id"]) for n in self.supernodes() if n.get("status") == "online"]
+        return [int(n["node-id"]) for n in self.supernodes() if n.get("status") == "online"]
 
     def wait_online(self, indices: list[int], timeout: float = 120.0) -> None:
         """Until `indices` have said hello: each node logs its SuperNode ID once accepted."""
@@ -478,7 +501,8 @@ class Federation:
                 _signal_all(remaining, signal.SIGKILL)
                 deadline, escalated = time.monotonic() + timeout, True
             time.sleep(0.2)
-        _reap(pid)
+        if member in self.procs:  # our own child: collect its exit status (no zombie)
+            self.procs.pop(member).wait(timeout)
 
 
 def _signal_all(pids: list[int], sig: signal.Signals) -> None:
@@ -487,16 +511,6 @@ def _signal_all(pids: list[int], sig: signal.Signals) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
-
-
-def _reap(pid: int | None) -> None:
-    """Collect the exit status of a child of this process, so it does not linger as a zombie."""
-    if pid is None:
-        return
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 # ---------------------------------------------------------------------- command line
