@@ -8,14 +8,18 @@ what is allowed.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 StrategyName = Literal["fedavg"]
 OptimizerName = Literal["sgd"]
 PartitionerName = Literal["iid", "dirichlet", "pathological"]
 ModelName = Literal["logreg", "mlp", "cnn"]
+
+
+# TOML gives true ints; strictness keeps `true` or 2.5 from passing as a count.
+Count = Annotated[int, Strict()]
 
 
 class ConfigError(ValueError):
@@ -28,12 +32,16 @@ def _kebab(name: str) -> str:
 
 class RunConfig(BaseModel):
     model_config = ConfigDict(
-        alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True
+        alias_generator=_kebab,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        allow_inf_nan=False,
     )
 
     strategy: StrategyName = "fedavg"
     optimizer: OptimizerName = "sgd"
-    num_server_rounds: int = Field(20, ge=1)
+    num_server_rounds: Count = Field(20, ge=1)
     # "digits", "synthetic", or a Hugging Face data set id read through flwr-datasets
     # (e.g. "mnist", "fashion_mnist", "cifar10", or a local folder of data files).
     dataset: str = Field("digits", min_length=1)
@@ -41,13 +49,13 @@ class RunConfig(BaseModel):
     synthetic_beta: float = Field(1.0, ge=0)
     partitioner: PartitionerName = "dirichlet"
     dirichlet_alpha: float = Field(0.5, gt=0)
-    classes_per_client: int = Field(2, ge=1)
+    classes_per_client: Count = Field(2, ge=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     model: ModelName = "mlp"
     mlp_hidden: str = "200,100"
     activation: Literal["relu", "sigmoid", "tanh"] = "relu"
-    local_epochs: int = Field(2, ge=1)
-    batch_size: int = Field(32, ge=1)
+    local_epochs: Count = Field(2, ge=1)
+    batch_size: Count = Field(32, ge=1)
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -55,9 +63,9 @@ class RunConfig(BaseModel):
     server_momentum: float = Field(0.0, ge=0, lt=1)
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
-    min_train_nodes: int = Field(2, ge=1)
+    min_train_nodes: Count = Field(2, ge=1)
     round_timeout: float = Field(600.0, gt=0)
-    seed: int = Field(0, ge=0)
+    seed: Count = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: str = ""
 
@@ -65,7 +73,7 @@ class RunConfig(BaseModel):
     @classmethod
     def _hidden_sizes_are_positive_ints(cls, value: str) -> str:
         parts = [p.strip() for p in value.split(",") if p.strip()]
-        if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        if not parts or not all(p.isdecimal() and p.isascii() and int(p) > 0 for p in parts):
             raise ValueError("must be a comma-separated list of positive integers, e.g. '200,100'")
         return ",".join(parts)
 

@@ -76,7 +76,9 @@ def synthetic_fedprox(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """FedProx's Synthetic(alpha, beta): per-device softmax-regression data (x, y, device).
 
-    alpha controls how much the devices' models differ, beta how much their inputs differ.
+    alpha shifts each device's model, beta each device's input mean. As published, the alpha
+    shift is common to all classes and so leaves the labels unchanged: label heterogeneity
+    comes from beta (and from the partitioner).
     """
     rng = np.random.default_rng(seed)
     sizes = (rng.lognormal(4, 2, devices).astype(int) + 50).clip(max=1000)
@@ -209,12 +211,13 @@ def load_local_data(path: str | Path) -> ArrayData:
             raise ConfigError(f"node config: data-path '{path}' is a file but not a .npz")
         try:
             with np.load(path, allow_pickle=False) as npz:
-                missing = {"x", "y"} - set(npz.files)
-                if missing:
-                    raise ConfigError(f"data-path '{path}' lacks array(s) {sorted(missing)}")
-                return _as_array_data(npz["x"], npz["y"])
-        except (OSError, ValueError) as err:
+                arrays = {name: npz[name] for name in ("x", "y") if name in npz.files}
+        except Exception as err:  # corrupt files fail in zipfile, zlib, numpy's header parser...
             raise ConfigError(f"data-path '{path}' is not a readable .npz: {err}") from err
+        missing = {"x", "y"} - set(arrays)
+        if missing:
+            raise ConfigError(f"data-path '{path}' lacks array(s) {sorted(missing)}")
+        return _as_array_data(arrays["x"], arrays["y"])
     try:
         loaded = load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as err:
@@ -233,6 +236,11 @@ def node_train_data(cfg: RunConfig, node_config: dict[str, Any]) -> ArrayData:
     except KeyError as err:
         raise ConfigError(
             f"node config needs 'data-path', or 'partition-id' and 'num-partitions' (missing {err})"
+        ) from None
+    except (TypeError, ValueError):
+        raise ConfigError(
+            "node config: partition-id and num-partitions must be integers, got "
+            f"{node_config['partition-id']!r} and {node_config['num-partitions']!r}"
         ) from None
     return partition(cfg, pid, n)
 
