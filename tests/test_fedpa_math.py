@@ -1,0 +1,251 @@
+"""FedPA math against independent answers: dense linear algebra and closed-form quadratics."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from client_app.fedpa import (
+    IterateAverager,
+    StreamingPosteriorDelta,
+    correction_norm,
+    flatten_params,
+    sampling_active,
+    sanitize_delta,
+    unflatten_like,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Client: streaming delta against a dense solve
+
+
+def dense_reference_delta(samples: np.ndarray, theta: np.ndarray, rho: float) -> np.ndarray:
+    """Sigma_hat^-1 (mu_hat - theta) with Sigma_hat built and solved as a dense d x d matrix."""
+    num_samples, dim = samples.shape
+    mean = samples.mean(axis=0)
+    if num_samples == 1:
+        return mean - theta  # Sigma_hat = I; np.cov of one sample is undefined
+    covariance = np.atleast_2d(np.cov(samples, rowvar=False, ddof=1))
+    rho_l = 1.0 / (1.0 + (num_samples - 1) * rho)
+    sigma_hat = rho_l * np.eye(dim) + (1.0 - rho_l) * covariance
+    return np.linalg.solve(sigma_hat, mean - theta)
+
+
+def streaming_delta(samples: np.ndarray, theta: np.ndarray, rho: float) -> np.ndarray:
+    posterior = StreamingPosteriorDelta(torch.from_numpy(theta), rho)
+    for sample in samples:
+        posterior.add_sample(torch.from_numpy(sample))
+    assert posterior.num_samples == len(samples)
+    return posterior.delta().numpy()
+
+
+def draw_samples(
+    rng: np.random.Generator, dim: int, num_samples: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """theta and samples scattered around a shifted mode, with scales spanning two decades."""
+    theta = rng.normal(size=dim)
+    scales = np.exp(rng.uniform(np.log(0.1), np.log(10.0), size=dim))
+    samples = theta + rng.normal(size=dim) + rng.normal(size=(num_samples, dim)) * scales
+    return samples, theta
+
+
+def relative_error(got: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+
+
+@pytest.mark.parametrize(
+    ("dim", "num_samples", "rho"),
+    list(itertools.product([1, 2, 7, 50], [1, 2, 3, 5, 8], [0.0, 0.01, 0.1, 1.0, 10.0])),
+)
+def test_streaming_delta_matches_dense_solve(dim: int, num_samples: int, rho: float) -> None:
+    rng = np.random.default_rng([dim, num_samples, int(rho * 100)])
+    samples, theta = draw_samples(rng, dim, num_samples)
+    expected = dense_reference_delta(samples, theta, rho)
+    assert relative_error(streaming_delta(samples, theta, rho), expected) < 1e-10
+
+
+def test_streaming_delta_couples_parameters_split_across_tensors() -> None:
+    rng = np.random.default_rng(7)
+    shapes = [(3, 4), (5,), (2, 3, 2)]
+    rho = 0.5
+    theta_tensors = [torch.from_numpy(rng.normal(size=shape)) for shape in shapes]
+    theta = flatten_params(theta_tensors)
+    posterior = StreamingPosteriorDelta(theta, rho)
+    flat_samples = []
+    for _ in range(5):
+        sample_tensors = [
+            tensor + torch.from_numpy(rng.normal(size=tensor.shape)) for tensor in theta_tensors
+        ]
+        flat_sample = flatten_params(sample_tensors)
+        posterior.add_sample(flat_sample)
+        flat_samples.append(flat_sample.numpy())
+    samples = np.stack(flat_samples)
+
+    expected = dense_reference_delta(samples, theta.numpy(), rho)
+    got = posterior.delta()
+    assert relative_error(got.numpy(), expected) < 1e-10
+
+    # Each piece must be its tensor's slice of the joint solve.
+    offset = 0
+    for piece, shape in zip(unflatten_like(got, theta_tensors), shapes):
+        size = int(np.prod(shape))
+        assert piece.shape == shape
+        np.testing.assert_array_equal(
+            piece.numpy().reshape(-1), got.numpy()[offset : offset + size]
+        )
+        offset += size
+
+    # Guard that this case can tell the joint recursion from a per-tensor one.
+    per_tensor = []
+    offset = 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        block = slice(offset, offset + size)
+        per_tensor.append(dense_reference_delta(samples[:, block], theta.numpy()[block], rho))
+        offset += size
+    assert relative_error(np.concatenate(per_tensor), expected) > 0.1
+
+
+def test_flatten_params_copies_and_unflatten_like_inverts_it() -> None:
+    tensors = [torch.arange(6.0).reshape(2, 3), torch.tensor([7.0]), torch.ones(2, 1, 2)]
+    flat = flatten_params(tensors)
+    np.testing.assert_array_equal(flat.numpy(), [0, 1, 2, 3, 4, 5, 7, 1, 1, 1, 1])
+    tensors[0][0, 0] = 100.0  # an optimizer step updates parameters in place
+    assert flat[0].item() == 0.0
+    restored = unflatten_like(flat, tensors)
+    assert [piece.shape for piece in restored] == [tensor.shape for tensor in tensors]
+    np.testing.assert_array_equal(restored[0].numpy(), [[0, 1, 2], [3, 4, 5]])
+    with pytest.raises(ValueError):
+        unflatten_like(flat[:-1], tensors)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    dim=st.integers(1, 20),
+    num_samples=st.integers(2, 8),
+    rho=st.sampled_from([0.0, 0.01, 0.3, 1.0, 10.0]),
+)
+def test_streaming_delta_does_not_depend_on_sample_order(
+    seed: int, dim: int, num_samples: int, rho: float
+) -> None:
+    rng = np.random.default_rng(seed)
+    samples, theta = draw_samples(rng, dim, num_samples)
+    in_order = streaming_delta(samples, theta, rho)
+    shuffled = streaming_delta(samples[rng.permutation(num_samples)], theta, rho)
+    assert relative_error(shuffled, in_order) < 1e-10
+
+
+def test_rho_zero_gives_mean_minus_theta() -> None:
+    samples, theta = draw_samples(np.random.default_rng(3), 30, 6)
+    np.testing.assert_allclose(
+        streaming_delta(samples, theta, 0.0), samples.mean(axis=0) - theta, rtol=1e-13, atol=1e-13
+    )
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.1, 10.0])
+def test_single_sample_gives_sample_minus_theta(rho: float) -> None:
+    samples, theta = draw_samples(np.random.default_rng(4), 30, 1)
+    np.testing.assert_array_equal(streaming_delta(samples, theta, rho), samples[0] - theta)
+
+
+def test_delta_needs_a_sample() -> None:
+    with pytest.raises(RuntimeError):
+        StreamingPosteriorDelta(torch.zeros(3), 0.1).delta()
+
+
+def test_float32_matches_float64() -> None:
+    rng = np.random.default_rng(5)
+    dim, num_samples, rho = 100_000, 4, 0.1
+    # Weights of a network's size and spread, samples a small walk away from theta; rounded
+    # to float32 first so that both runs see the same inputs.
+    theta = (0.1 * rng.normal(size=dim)).astype(np.float32)
+    samples = (
+        theta + 0.01 * rng.normal(size=dim) + 0.003 * rng.normal(size=(num_samples, dim))
+    ).astype(np.float32)
+    single = streaming_delta(samples, theta, rho)
+    double = streaming_delta(samples.astype(np.float64), theta.astype(np.float64), rho)
+    assert single.dtype == np.float32
+    assert relative_error(single.astype(np.float64), double) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Client: IASG averaging, sanitising, diagnostics, mode switch
+
+
+def test_iterate_averager_gives_each_epochs_mean_in_the_input_dtype() -> None:
+    rng = np.random.default_rng(6)
+    # A large common offset: a float32 running sum would lose the small differences.
+    epochs = [(1000.0 + rng.normal(size=(steps, 8))).astype(np.float32) for steps in (300, 5)]
+    averager = IterateAverager()
+    for iterates in epochs:
+        for iterate in iterates:
+            averager.add_iterate(torch.from_numpy(iterate))
+        assert averager.num_iterates == len(iterates)
+        average = averager.finish_epoch()
+        assert average.dtype == torch.float32
+        expected = iterates.astype(np.float64).mean(axis=0).astype(np.float32)
+        np.testing.assert_array_max_ulp(average.numpy(), expected, maxulp=1)
+    with pytest.raises(RuntimeError):
+        averager.finish_epoch()
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_non_finite_sample_gives_zero_delta_with_zero_weight(bad_value: float) -> None:
+    samples, theta = draw_samples(np.random.default_rng(8), 10, 3)
+    samples[1, 4] = bad_value
+    raw = torch.from_numpy(streaming_delta(samples, theta, 0.1))
+    assert not bool(torch.isfinite(raw).all())
+    delta, weight = sanitize_delta(raw, 120)
+    assert weight == 0
+    np.testing.assert_array_equal(delta.numpy(), np.zeros(10))
+
+
+def test_finite_delta_passes_sanitize_unchanged() -> None:
+    delta = torch.tensor([1.0, -2.0, 3.0])
+    sanitized, weight = sanitize_delta(delta, 120)
+    assert weight == 120
+    np.testing.assert_array_equal(sanitized.numpy(), [1.0, -2.0, 3.0])
+
+
+def test_correction_norm() -> None:
+    theta = torch.tensor([1.0, 2.0])
+    theta_last = torch.tensor([2.0, 0.0])
+    delta = torch.tensor([4.0, 1.0])
+    # theta_last - theta = (1, -2), so the difference is (3, 3).
+    assert correction_norm(delta, theta_last, theta) == pytest.approx(np.sqrt(18.0), rel=1e-7)
+    assert correction_norm(theta_last - theta, theta_last, theta) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("server_round", "burnin_rounds", "local_epochs", "local_burnin_epochs", "expected"),
+    [
+        (1, 0, 5, 1, True),  # no server burn-in: the first round already samples
+        (1, 2, 5, 1, False),
+        (2, 2, 5, 1, False),  # round r0 = 1 < 2
+        (3, 2, 5, 1, True),  # round r0 = 2
+        (10, 2, 1, 1, False),  # E <= m: every epoch is local burn-in, no sample
+        (10, 2, 2, 1, True),
+        (10, 2, 1, 0, True),
+    ],
+)
+def test_sampling_active(
+    server_round: int,
+    burnin_rounds: int,
+    local_epochs: int,
+    local_burnin_epochs: int,
+    expected: bool,
+) -> None:
+    assert (
+        sampling_active(server_round, burnin_rounds, local_epochs, local_burnin_epochs) is expected
+    )
+
+
+def test_sampling_active_rejects_round_zero() -> None:
+    with pytest.raises(ValueError):
+        sampling_active(0, 0, 5, 1)
