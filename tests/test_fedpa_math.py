@@ -19,6 +19,7 @@ from client_app.fedpa import (
     sanitize_delta,
     unflatten_like,
 )
+from strategies.fedpa import aggregate_round, server_sgd_step, weighted_mean
 
 # ---------------------------------------------------------------------------------------------
 # Client: streaming delta against a dense solve
@@ -249,3 +250,149 @@ def test_sampling_active(
 def test_sampling_active_rejects_round_zero() -> None:
     with pytest.raises(ValueError):
         sampling_active(0, 0, 5, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Server
+
+
+def test_weighted_mean_weights_by_examples_and_skips_zero_weights() -> None:
+    deltas = [
+        [np.array([1.0, 2.0]), np.array([[3.0]])],
+        [np.array([4.0, 8.0]), np.array([[0.0]])],
+        [np.array([np.nan, np.nan]), np.array([[np.nan]])],  # a client the sanitiser dropped
+    ]
+    mean = weighted_mean(deltas, [1, 3, 0])
+    assert mean is not None
+    np.testing.assert_allclose(mean[0], [(1 + 12) / 4, (2 + 24) / 4], rtol=1e-15)
+    np.testing.assert_allclose(mean[1], [[3 / 4]], rtol=1e-15)
+    assert weighted_mean(deltas, [0, 0, 0]) is None
+
+
+def test_weighted_mean_keeps_float32() -> None:
+    deltas = [[np.array([1.0, 2.0], dtype=np.float32)], [np.array([3.0, 4.0], dtype=np.float32)]]
+    mean = weighted_mean(deltas, [1, 1])
+    assert mean is not None and mean[0].dtype == np.float32
+    np.testing.assert_array_equal(mean[0], [2.0, 3.0])
+
+
+def test_fedavg_deltas_with_lr_one_and_no_momentum_give_fedavg_exactly() -> None:
+    # Multiples of 1/8 and weights summing to 8 keep every operation exact in float64, so
+    # the server path must agree bit for bit with the plain weighted average of the models.
+    theta = [np.array([0.5, -1.25, 2.0]), np.array([[3.0, 0.125]])]
+    client_models = [
+        [np.array([1.0, -1.0, 2.5]), np.array([[2.0, 0.25]])],
+        [np.array([0.25, -2.0, 1.0]), np.array([[3.5, -0.5]])],
+        [np.array([0.75, 0.0, 2.0]), np.array([[4.0, 1.0]])],
+    ]
+    weights = [1, 3, 4]
+    deltas = [[last - start for last, start in zip(model, theta)] for model in client_models]
+    outcome = aggregate_round(theta, deltas, weights, None, lr=1.0, momentum=0.0)
+    assert not outcome.skipped
+    for index, new_param in enumerate(outcome.params):
+        fedavg = sum(w * model[index] for w, model in zip(weights, client_models)) / sum(weights)
+        np.testing.assert_array_equal(new_param, fedavg)
+
+
+def test_fedavg_identity_on_random_models() -> None:
+    rng = np.random.default_rng(9)
+    theta = [rng.normal(size=(4, 3)), rng.normal(size=5)]
+    client_models = [[rng.normal(size=p.shape) for p in theta] for _ in range(4)]
+    weights = [17, 3, 250, 41]
+    deltas = [[last - start for last, start in zip(model, theta)] for model in client_models]
+    outcome = aggregate_round(theta, deltas, weights, None, lr=1.0, momentum=0.0)
+    for index, new_param in enumerate(outcome.params):
+        fedavg = sum(w * model[index] for w, model in zip(weights, client_models)) / sum(weights)
+        np.testing.assert_allclose(new_param, fedavg, rtol=1e-13, atol=1e-13)
+
+
+def test_server_momentum_matches_two_steps_unrolled_by_hand() -> None:
+    lr, momentum = 0.5, 0.9
+    theta0 = [np.array([1.0, -2.0]), np.array([0.5])]
+    round1 = (
+        [[np.array([2.0, 0.0]), np.array([1.0])], [np.array([-1.0, 4.0]), np.array([3.0])]],
+        [1, 3],
+    )
+    round2 = (
+        [[np.array([0.0, 1.0]), np.array([-2.0])], [np.array([2.0, 2.0]), np.array([0.0])]],
+        [2, 2],
+    )
+
+    first = aggregate_round(theta0, *round1, None, lr, momentum)
+    second = aggregate_round(first.params, *round2, first.momentum_buffer, lr, momentum)
+
+    # Round 1: mean delta = ((2,0)+3(-1,4))/4 = (-1/4, 3), ((1)+3(3))/4 = 5/2; b1 = g1 = -mean.
+    b1 = [np.array([0.25, -3.0]), np.array([-2.5])]
+    theta1 = [np.array([1.0 - 0.125, -2.0 + 1.5]), np.array([0.5 + 1.25])]
+    # Round 2: mean delta = (1, 1.5), (-1); b2 = 0.9 b1 + g2.
+    b2 = [np.array([0.9 * 0.25 - 1.0, 0.9 * -3.0 - 1.5]), np.array([0.9 * -2.5 + 1.0])]
+    theta2 = [t - lr * b for t, b in zip(theta1, b2)]
+    for got, expected in zip(first.momentum_buffer, b1):
+        np.testing.assert_allclose(got, expected, rtol=1e-15)
+    for got, expected in zip(first.params, theta1):
+        np.testing.assert_allclose(got, expected, rtol=1e-15)
+    for got, expected in zip(second.momentum_buffer, b2):
+        np.testing.assert_allclose(got, expected, rtol=1e-15)
+    for got, expected in zip(second.params, theta2):
+        np.testing.assert_allclose(got, expected, rtol=1e-15)
+
+
+def test_server_sgd_step_does_not_write_into_its_arguments() -> None:
+    params = [np.array([1.0, 2.0])]
+    mean_delta = [np.array([0.5, -0.5])]
+    buffer = [np.array([0.1, 0.2])]
+    new_params, new_buffer = server_sgd_step(params, mean_delta, buffer, lr=0.1, momentum=0.9)
+    np.testing.assert_array_equal(params[0], [1.0, 2.0])
+    np.testing.assert_array_equal(mean_delta[0], [0.5, -0.5])
+    np.testing.assert_array_equal(buffer[0], [0.1, 0.2])
+    np.testing.assert_allclose(new_buffer[0], [0.09 - 0.5, 0.18 + 0.5], rtol=1e-15)
+    np.testing.assert_allclose(
+        new_params[0], [1.0 - 0.1 * (0.09 - 0.5), 2.0 - 0.1 * 0.68], rtol=1e-15
+    )
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_non_finite_aggregate_skips_round_and_keeps_state(bad_value: float) -> None:
+    params = [np.array([1.0, 2.0], dtype=np.float32), np.array([3.0], dtype=np.float32)]
+    buffer = [np.array([0.1, -0.1], dtype=np.float32), np.array([0.2], dtype=np.float32)]
+    params_before = [p.copy() for p in params]
+    buffer_before = [b.copy() for b in buffer]
+    deltas = [
+        [np.array([1.0, 1.0], dtype=np.float32), np.array([1.0], dtype=np.float32)],
+        [np.array([bad_value, 0.0], dtype=np.float32), np.array([1.0], dtype=np.float32)],
+    ]
+    outcome = aggregate_round(params, deltas, [10, 10], buffer, lr=0.5, momentum=0.9)
+    assert outcome.skipped
+    assert outcome.momentum_buffer is not None
+    for got, before, original in zip(outcome.params, params_before, params):
+        assert got.tobytes() == before.tobytes() and original.tobytes() == before.tobytes()
+    for got, before, original in zip(outcome.momentum_buffer, buffer_before, buffer):
+        assert got.tobytes() == before.tobytes() and original.tobytes() == before.tobytes()
+
+
+def test_sanitized_nan_client_cannot_move_the_global_model() -> None:
+    theta = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    params = [theta.numpy().copy()]
+    buffer = [np.array([0.5, 0.0, -0.5])]
+    healthy = sanitize_delta(torch.tensor([0.3, -0.1, 0.2], dtype=torch.float64), 40)
+    diverged = sanitize_delta(torch.tensor([np.nan, 1.0, 1.0], dtype=torch.float64), 60)
+
+    both = aggregate_round(
+        params,
+        [[healthy[0].numpy()], [diverged[0].numpy()]],
+        [healthy[1], diverged[1]],
+        buffer,
+        0.5,
+        0.9,
+    )
+    healthy_alone = aggregate_round(params, [[healthy[0].numpy()]], [healthy[1]], buffer, 0.5, 0.9)
+    assert not both.skipped
+    np.testing.assert_array_equal(both.params[0], healthy_alone.params[0])
+    np.testing.assert_array_equal(both.momentum_buffer[0], healthy_alone.momentum_buffer[0])
+
+    diverged_alone = aggregate_round(
+        params, [[diverged[0].numpy()]], [diverged[1]], buffer, 0.5, 0.9
+    )
+    assert diverged_alone.skipped
+    np.testing.assert_array_equal(diverged_alone.params[0], [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(diverged_alone.momentum_buffer[0], [0.5, 0.0, -0.5])
