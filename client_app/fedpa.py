@@ -1,4 +1,4 @@
-"""Client half of FedPA (Federated Posterior Averaging): pure torch, no Flower.
+"""Client half of FedPA (Federated Posterior Averaging): pure torch math, then the round step.
 
 A FedPA client approximates its local posterior by a Gaussian N(mu, Sigma) from IASG samples
 (averages of the SGD iterates of one local epoch) and sends Delta = Sigma_hat^-1 (mu_hat - theta)
@@ -16,7 +16,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from flwr.app import MetricRecord, RecordDict
 from torch import Tensor
+
+from client_app.local import ClientRound
+from client_app.optimizers import build_optimizer
+from client_app.training import train_epochs
+from strategies import records
+from task.params import numpy_to_record
 
 
 def flatten_params(tensors: Sequence[Tensor]) -> Tensor:
@@ -179,3 +186,49 @@ def sampling_active(
             f"{burnin_rounds}, {local_epochs}, {local_burnin_epochs}"
         )
     return server_round - 1 >= burnin_rounds and local_epochs > local_burnin_epochs
+
+
+def train(round_: ClientRound) -> RecordDict:
+    """Local SGD from the global weights; reply with Delta (FedAvg's delta during burn-in)."""
+    cfg = round_.cfg
+    model = round_.model_at()
+    names, params = zip(*model.named_parameters())
+    theta = flatten_params(params)
+    # A fresh optimizer each round: its momentum lives for this round's epochs only.
+    optimizer = build_optimizer(cfg, model.parameters(), lr=cfg.lr)
+    sampling = sampling_active(
+        round_.server_round, cfg.burnin_rounds, cfg.local_epochs, cfg.local_burnin_epochs
+    )
+    averager = IterateAverager()
+    posterior_delta = StreamingPosteriorDelta(theta, cfg.shrinkage_rho)
+
+    def after_epoch(epoch: int) -> None:
+        sample = averager.finish_epoch()
+        if epoch >= cfg.local_burnin_epochs:
+            posterior_delta.add_sample(sample)
+
+    loss = train_epochs(
+        model, round_.train, optimizer, cfg.local_epochs, cfg.batch_size, round_.device,
+        round_.seed,
+        after_step=(lambda: averager.add_iterate(flatten_params(params))) if sampling else None,
+        after_epoch=after_epoch if sampling else None,
+    )
+    theta_last = flatten_params(params)
+    delta = posterior_delta.delta() if sampling else theta_last - theta
+    delta, weight = sanitize_delta(delta, len(round_.train))
+    arrays = {
+        name: piece.cpu().numpy() for name, piece in zip(names, unflatten_like(delta, params))
+    }
+    return RecordDict(
+        {
+            records.ARRAYS: numpy_to_record(arrays),
+            records.METRICS: MetricRecord(
+                {
+                    records.NUM_EXAMPLES: weight,
+                    "loss": loss,
+                    "fedpa-samples": posterior_delta.num_samples if sampling else 0,
+                    "correction-norm": correction_norm(delta, theta_last, theta),
+                }
+            ),
+        }
+    )

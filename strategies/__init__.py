@@ -2,5 +2,6 @@
 
 from strategies.base import FederatedStrategy
 from strategies.fedavg import FedAvg
+from strategies.fedpa import FedPA
 
-STRATEGIES: dict[str, type[FederatedStrategy]] = {"fedavg": FedAvg}
+STRATEGIES: dict[str, type[FederatedStrategy]] = {"fedavg": FedAvg, "fedpa": FedPA}

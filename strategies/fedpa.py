@@ -1,107 +1,18 @@
-"""Server half of FedPA (Federated Posterior Averaging): pure numpy, no Flower.
+"""FedPA (Federated Posterior Averaging), server half.
 
-Each client sends a delta (FedPA's Sigma_hat^-1 (mu_hat - theta), or FedAvg's
-theta_last - theta during burn-in rounds) as one array per model tensor, with its number of
-examples as weight. The server takes the example-weighted mean Delta_bar and hands
-g = -Delta_bar to SGD with momentum in PyTorch's form, b <- momentum * b + g,
-theta <- theta - lr * b. With lr 1, momentum 0 and FedAvg deltas this is exactly FedAvg.
-A round whose mean is non-finite, or that has no weight at all, leaves the state unchanged.
-
-Every function is pure: it returns new arrays and never writes into its arguments.
+Clients send Delta = Sigma_hat^-1 (mu_hat - theta) itself (FedAvg's theta_last - theta during
+burn-in rounds); the server step is FedAvg's: the example-weighted mean of the deltas fed to
+SGD with momentum (`strategies.fedavg.aggregate_round`). The client half is
+`client_app/fedpa.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from flwr.app import ArrayRecord
 
-import numpy as np
-
-Arrays = list[np.ndarray]
+from strategies.fedavg import Arrays, FedAvg
 
 
-def weighted_mean(
-    deltas: Sequence[Sequence[np.ndarray]], weights: Sequence[float]
-) -> Arrays | None:
-    """Example-weighted mean of client deltas, tensor by tensor; None when the weights sum to 0.
-
-    Clients with weight 0 are left out rather than multiplied by 0, because 0 * NaN is NaN.
-    Sums run in float64; each result array has the dtype of the clients' array.
-    """
-    if len(deltas) != len(weights):
-        raise ValueError(f"{len(deltas)} deltas but {len(weights)} weights")
-    if any(not (np.isfinite(weight) and weight >= 0) for weight in weights):
-        raise ValueError(f"weights must be finite and >= 0, got {list(weights)}")
-    contributing = [(delta, float(weight)) for delta, weight in zip(deltas, weights) if weight > 0]
-    if not contributing:
-        return None
-    num_tensors = len(contributing[0][0])
-    if any(len(delta) != num_tensors for delta, _ in contributing):
-        raise ValueError("clients sent different numbers of arrays")
-    total_weight = sum(weight for _, weight in contributing)
-    mean = []
-    for index in range(num_tensors):
-        total = np.zeros(contributing[0][0][index].shape, dtype=np.float64)
-        for delta, weight in contributing:
-            total += weight * np.asarray(delta[index], dtype=np.float64)
-        mean.append((total / total_weight).astype(contributing[0][0][index].dtype))
-    return mean
-
-
-def server_sgd_step(
-    params: Sequence[np.ndarray],
-    mean_delta: Sequence[np.ndarray],
-    momentum_buffer: Sequence[np.ndarray] | None,
-    lr: float,
-    momentum: float,
-) -> tuple[Arrays, Arrays]:
-    """One SGD-with-momentum step on the pseudo-gradient g = -mean_delta.
-
-    PyTorch's form: b <- momentum * b + g (b = g when there is no buffer yet),
-    theta <- theta - lr * b. Returns (new_params, new_buffer), each in the dtype of params.
-    """
-    if len(params) != len(mean_delta) or (
-        momentum_buffer is not None and len(momentum_buffer) != len(params)
-    ):
-        raise ValueError("params, mean_delta and momentum_buffer must hold the same tensors")
-    new_params = []
-    new_buffer = []
-    for index, param in enumerate(params):
-        gradient = -np.asarray(mean_delta[index], dtype=param.dtype)
-        if momentum_buffer is None:
-            buffer = gradient
-        else:
-            buffer = momentum * momentum_buffer[index] + gradient
-        new_params.append(param - lr * buffer)
-        new_buffer.append(buffer)
-    return new_params, new_buffer
-
-
-class RoundOutcome(NamedTuple):
-    params: Arrays
-    momentum_buffer: Arrays | None
-    skipped: bool
-
-
-def aggregate_round(
-    params: Sequence[np.ndarray],
-    deltas: Sequence[Sequence[np.ndarray]],
-    weights: Sequence[float],
-    momentum_buffer: Sequence[np.ndarray] | None,
-    lr: float,
-    momentum: float,
-) -> RoundOutcome:
-    """Average the client deltas by example weight and take one server step.
-
-    When the weights sum to 0 or the mean holds any NaN or Inf, the round is skipped: the
-    returned params and buffer are the ones passed in, and `skipped` is True.
-    """
-    mean_delta = weighted_mean(deltas, weights)
-    if mean_delta is None or not all(np.isfinite(array).all() for array in mean_delta):
-        return RoundOutcome(
-            params=list(params),
-            momentum_buffer=None if momentum_buffer is None else list(momentum_buffer),
-            skipped=True,
-        )
-    new_params, new_buffer = server_sgd_step(params, mean_delta, momentum_buffer, lr, momentum)
-    return RoundOutcome(params=new_params, momentum_buffer=new_buffer, skipped=False)
+class FedPA(FedAvg):
+    def client_delta(self, arrays: ArrayRecord) -> Arrays:
+        return [arrays[k].numpy() for k in self.keys]

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
-StrategyName = Literal["fedavg"]
+StrategyName = Literal["fedavg", "fedpa"]
 OptimizerName = Literal["sgd"]
 PartitionerName = Literal["iid", "dirichlet", "pathological"]
 ModelName = Literal["logreg", "mlp", "cnn"]
@@ -61,6 +61,11 @@ class RunConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     server_lr: float = Field(1.0, gt=0)
     server_momentum: float = Field(0.0, ge=0, lt=1)
+    # FedPA: server rounds of plain FedAvg before sampling, local epochs discarded as burn-in,
+    # and the shrinkage rate of the covariance estimate (0: FedAvg on iterate averages).
+    burnin_rounds: Count = Field(2, ge=0)
+    local_burnin_epochs: Count = Field(1, ge=0)
+    shrinkage_rho: float = Field(0.01, ge=0)
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     min_train_nodes: Count = Field(2, ge=1)

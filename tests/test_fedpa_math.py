@@ -20,7 +20,7 @@ from client_app.fedpa import (
     sanitize_delta,
     unflatten_like,
 )
-from strategies.fedpa import aggregate_round, server_sgd_step, weighted_mean
+from strategies.fedavg import aggregate_round, server_sgd_step, weighted_mean
 
 # ---------------------------------------------------------------------------------------------
 # Client: streaming delta against a dense solve
