@@ -43,7 +43,8 @@ class ClientRound:
         return model.to(self.device)
 
 
-@lru_cache(maxsize=8)
+# Large enough that a simulation process serving many nodes keeps every node's data.
+@lru_cache(maxsize=1024)
 def node_data(cfg: RunConfig, node_items: tuple) -> tuple[ArrayData, ArrayData, DataSpec]:
     """(train, validation, spec) for a node, cached for the life of the process."""
     spec = data_spec(cfg)

@@ -279,8 +279,8 @@ def dataset_to_arrays(ds: Dataset) -> ArrayData:
             f"data set columns {ds.column_names} need an input column (one of {INPUT_COLUMNS}) "
             f"and a label column (one of {LABEL_COLUMNS})"
         )
-    numpy_view = ds.with_format("numpy")
-    return _as_array_data(np.asarray(numpy_view[inputs]), np.asarray(numpy_view[label]))
+    columns = ds.with_format("numpy", columns=[inputs, label])[:]  # one batch conversion
+    return _as_array_data(np.asarray(columns[inputs]), np.asarray(columns[label]))
 
 
 def _as_array_data(x: np.ndarray, y: np.ndarray) -> ArrayData:
