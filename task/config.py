@@ -54,18 +54,18 @@ class RunConfig(BaseModel):
     model: ModelName = "mlp"
     mlp_hidden: str = "200,100"
     activation: Literal["relu", "sigmoid", "tanh"] = "relu"
-    local_epochs: Count = Field(2, ge=1)
+    local_epochs: Count = Field(5, ge=1)
     batch_size: Count = Field(32, ge=1)
-    lr: float = Field(0.05, gt=0)
+    lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     server_lr: float = Field(1.0, gt=0)
     server_momentum: float = Field(0.0, ge=0, lt=1)
     # FedPA: server rounds of plain FedAvg before sampling, local epochs discarded as burn-in,
     # and the shrinkage rate of the covariance estimate (0: FedAvg on iterate averages).
-    burnin_rounds: Count = Field(2, ge=0)
+    burnin_rounds: Count = Field(10, ge=0)
     local_burnin_epochs: Count = Field(1, ge=0)
-    shrinkage_rho: float = Field(0.01, ge=0)
+    shrinkage_rho: float = Field(0.1, ge=0)
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     min_train_nodes: Count = Field(2, ge=1)

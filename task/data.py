@@ -26,7 +26,7 @@ from flwr_datasets.partitioner import (
 
 from task.config import ConfigError, RunConfig
 
-LABEL_COLUMNS = ("label", "labels", "fine_label", "y")
+LABEL_COLUMNS = ("label", "labels", "fine_label", "character", "y")
 INPUT_COLUMNS = ("x", "image", "img", "pixels", "features")
 OFFLINE_SOURCES = ("digits", "synthetic")
 SYNTHETIC_DEVICES = 30  # generator "devices" in the FedProx Synthetic(alpha, beta) recipe
