@@ -41,8 +41,7 @@ class IVONADMM(IVON):
 
     def set_prior(self, mean, precision) -> None:
         """Prior N(mean, diag(precision)^-1); precision is a positive scalar or a flat vector."""
-        if not bool((torch.as_tensor(precision) > 0).all()):
-            raise ValueError("prior precision must be positive")
+        _check_positive("prior precision", precision)
         for group, group_mean, group_precision in zip(
             self.param_groups, self._split(mean), self._split_or_scalar(precision)
         ):
@@ -64,6 +63,7 @@ class IVONADMM(IVON):
 
         Call set_prior first when both change: hess is stored relative to the current wd.
         """
+        _check_positive("posterior precision", precision)
         means, precisions = self._split(mean), self._split(precision)
         for group, group_mean, group_precision in zip(self.param_groups, means, precisions):
             group["hess"] = group_precision / group["ess"] - group["weight_decay"]
@@ -127,8 +127,8 @@ class IVONADMM(IVON):
         return flat.split([group["numel"] for group in self.param_groups])
 
     def _split_or_scalar(self, value) -> tuple:
-        if torch.as_tensor(value).numel() == 1 and self._numel != 1:
-            return (float(value),) * len(self.param_groups)
+        if torch.as_tensor(value).dim() == 0:
+            return (torch.as_tensor(value).item(),) * len(self.param_groups)
         return self._split(value)
 
     @staticmethod
@@ -139,3 +139,8 @@ class IVONADMM(IVON):
                 continue
             p.data = flat_values[offset : offset + p.numel()].view(p.shape)
             offset += p.numel()
+
+
+def _check_positive(name: str, value) -> None:
+    if not bool((torch.as_tensor(value) > 0).all()):
+        raise ValueError(f"{name} must be positive")

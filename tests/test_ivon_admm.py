@@ -204,3 +204,14 @@ def test_zero_data_loss_converges_to_the_exact_prior_plus_dual_solution():
 
 def test_effective_sample_size_is_examples_over_temperature_times_rho():
     assert math.isclose(effective_sample_size(200, 0.1, 0.5), 4000.0)
+
+
+def test_accessors_reject_invalid_precisions_and_wrong_lengths():
+    optimizer = IVONADMM(_mlp().parameters(), lr=0.1, ess=10.0)
+    num_params = sum(group["numel"] for group in optimizer.param_groups)
+    with pytest.raises(ValueError):
+        optimizer.set_prior(torch.zeros(num_params), 0.0)
+    with pytest.raises(ValueError):
+        optimizer.set_posterior(torch.zeros(num_params), -torch.ones(num_params))
+    with pytest.raises(ValueError):
+        optimizer.set_duals(torch.zeros(num_params - 1), torch.zeros(num_params - 1), 10, 1.0)
