@@ -19,12 +19,22 @@ prior precision 1 and zero precision duals, these functions are classic federate
 whose dual y_k is -v_k.
 """
 
+from __future__ import annotations
+
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from strategies import records
+from strategies.base import FederatedStrategy, weighted_metrics
+from task.config import RunConfig
+from task.params import flatten, numpy_to_record, record_to_numpy, unflatten
 
 
 def client_dual_increment(
@@ -46,7 +56,7 @@ class DualSums:
     precision: object
 
     @classmethod
-    def zeros_like(cls, vector) -> "DualSums":
+    def zeros_like(cls, vector) -> DualSums:
         xp = _array_module(vector)
         return cls(mean=xp.zeros_like(vector), precision=xp.zeros_like(vector))
 
@@ -116,3 +126,84 @@ def cosine_lr(lr0: float, round_index: int, num_rounds: int) -> float:
 
 def _array_module(vector):
     return torch if isinstance(vector, torch.Tensor) else np
+
+
+class BayesADMM(FederatedStrategy):
+    """Keeps the global posterior (m_g, S_g), the dual sums over all clients, and which round of
+    each node's replies it used; sends each sampled node the global and its `accepted-round`."""
+
+    def __init__(self, cfg: RunConfig, initial_arrays: ArrayRecord) -> None:
+        super().__init__(cfg, initial_arrays)
+        self.like = record_to_numpy(initial_arrays)
+        self.initial_weights = initial_arrays
+        size = sum(a.size for a in self.like.values())
+        # The isotropic variant fixes every covariance to the identity (prior included).
+        self.prior_precision = 1.0 if cfg.posterior == "isotropic" else cfg.prior_precision
+        self.mean = np.zeros(size)
+        self.precision = np.full(size, self.prior_precision)
+        self.at_prior = True
+        self.duals = DualSums.zeros_like(self.mean)
+        self.accepted_round: dict[int, int] = {}
+        self.num_clients = 0
+        self.fallback_coords = 0
+
+    def global_records(self) -> tuple[ArrayRecord, ArrayRecord]:
+        # While at the prior the clients start from the shared initial weights, not from 0.
+        mean = self.initial_weights if self.at_prior else numpy_to_record(unflatten(self.mean, self.like))
+        return mean, numpy_to_record(unflatten(self.precision, self.like))
+
+    def posterior(self) -> tuple[ArrayRecord, ArrayRecord] | None:
+        return None if self.at_prior else self.global_records()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        nodes = self.sample_nodes(grid, self.cfg.fraction_train, self.cfg.min_train_nodes)
+        # K counts every node that has taken part or could: absent nodes keep their duals.
+        self.num_clients = max(self.num_clients, len(list(grid.get_node_ids())))
+        mean, precision = self.global_records()
+        contents = {}
+        for node in nodes:
+            node_config = self.round_config(server_round, config)
+            node_config[records.AT_PRIOR] = self.at_prior
+            node_config[records.ACCEPTED_ROUND] = self.accepted_round.get(node, 0)
+            contents[node] = RecordDict(
+                {records.ARRAYS: mean, records.PRECISION: precision, records.CONFIG: node_config}
+            )
+        return self.messages(contents, MessageType.TRAIN, server_round)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid = self.check_replies(
+            replies,
+            {records.ARRAYS: self.shapes, records.PRECISION: self.shapes},
+            positive=(records.PRECISION,),
+        )
+        if len(valid) < self.cfg.min_train_nodes:
+            return self.skip_round(
+                f"{len(valid)} usable repl(ies), min-train-nodes is {self.cfg.min_train_nodes}"
+            )
+        means = [flatten(record_to_numpy(r.content.array_records[records.ARRAYS])).astype(np.float64) for r in valid]
+        precisions = [flatten(record_to_numpy(r.content.array_records[records.PRECISION])).astype(np.float64) for r in valid]
+        received_mean = np.zeros_like(self.mean) if self.at_prior else self.mean
+        increments = [
+            client_dual_increment(
+                received_mean, self.precision, m, s, self.cfg.rho, self.cfg.dual_damping
+            )
+            for m, s in zip(means, precisions)
+        ]
+        duals = accumulate_duals(self.duals, increments)
+        update = server_update(
+            means, precisions, duals.mean, duals.precision, self.cfg.rho,
+            self.prior_precision, max(self.num_clients, len(valid)),
+        )
+        self.mean, self.precision, self.duals = update.mean, update.precision, duals
+        self.at_prior = False
+        self.fallback_coords = update.fallback_coords
+        for reply in valid:
+            self.accepted_round[reply.metadata.src_node_id] = server_round
+        metrics = weighted_metrics([r.content.metric_records[records.METRICS] for r in valid])
+        if metrics is not None:
+            metrics["precision-fallback-coords"] = update.fallback_coords
+        return self.global_records()[0], metrics

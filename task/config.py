@@ -10,10 +10,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-StrategyName = Literal["fedavg", "fedpa"]
-OptimizerName = Literal["sgd"]
+StrategyName = Literal["fedavg", "fedpa", "bayes-admm"]
+OptimizerName = Literal["sgd", "ivon"]
 PartitionerName = Literal["iid", "dirichlet", "pathological"]
 ModelName = Literal["logreg", "mlp", "cnn"]
 
@@ -66,6 +74,19 @@ class RunConfig(BaseModel):
     burnin_rounds: Count = Field(10, ge=0)
     local_burnin_epochs: Count = Field(1, ge=0)
     shrinkage_rho: float = Field(0.1, ge=0)
+    # BayesADMM: client penalty rho, dual damping gamma, likelihood temperature tau, prior
+    # precision delta, a cosine learning-rate schedule over rounds, and the posterior family.
+    rho: float = Field(0.2, gt=0)
+    dual_damping: float = Field(0.1, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    prior_precision: float = Field(1.0, gt=0)
+    cosine_lr: bool = True
+    posterior: Literal["diagonal", "isotropic"] = "diagonal"
+    eval_mc_samples: Count = Field(32, ge=1)
+    # IVON (optimizer = "ivon", and the BayesADMM client).
+    hess_init: float = Field(0.1, gt=0)
+    beta2: float = Field(0.9998, gt=0, le=1)
+    mc_samples: Count = Field(1, ge=1)
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     min_train_nodes: Count = Field(2, ge=1)
@@ -81,6 +102,18 @@ class RunConfig(BaseModel):
         if not parts or not all(p.isdecimal() and p.isascii() and int(p) > 0 for p in parts):
             raise ValueError("must be a comma-separated list of positive integers, e.g. '200,100'")
         return ",".join(parts)
+
+    @model_validator(mode="after")
+    def _bayes_admm_client_fits_its_posterior(self) -> "RunConfig":
+        if self.strategy != "bayes-admm":
+            return self
+        needed = "ivon" if self.posterior == "diagonal" else "sgd"
+        if self.optimizer != needed:
+            raise ValueError(
+                f"strategy 'bayes-admm' with posterior '{self.posterior}' needs optimizer "
+                f"'{needed}', got '{self.optimizer}'"
+            )
+        return self
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
@@ -100,7 +133,9 @@ def parse_run_config(raw: Mapping[str, Any]) -> RunConfig:
 
 def _describe(err: ValidationError, raw: Mapping[str, Any]) -> str:
     first = err.errors()[0]
-    key = str(first["loc"][0]) if first["loc"] else "?"
+    if not first["loc"]:  # a rule across several keys
+        return f"run config: {first['msg'].removeprefix('Value error, ')}"
+    key = str(first["loc"][0])
     value = raw.get(key, first.get("input"))
     if first["type"] == "extra_forbidden":
         known = ", ".join(sorted(RunConfig.model_json_schema(by_alias=True)["properties"]))
