@@ -8,7 +8,7 @@ from collections.abc import Callable
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client_app import fedavg
+from client_app import bayes_admm, fedavg, fedpa
 from client_app.local import ClientRound, device_for, node_data, node_seed
 from client_app.state import ClientState
 from strategies import records
@@ -17,7 +17,11 @@ from task.data import ArrayData
 from task.metrics import classification_metrics, predict_probs
 
 # The client half of each strategy, by config name (the server half is in strategies.STRATEGIES).
-CLIENT_STEPS: dict[str, Callable[[ClientRound], RecordDict]] = {"fedavg": fedavg.train}
+CLIENT_STEPS: dict[str, Callable[[ClientRound], RecordDict]] = {
+    "fedavg": fedavg.train,
+    "fedpa": fedpa.train,
+    "bayes-admm": bayes_admm.train,
+}
 
 app = ClientApp()
 
@@ -29,7 +33,7 @@ def _round(msg: Message, context: Context) -> tuple[ClientRound, ArrayData]:
     round_ = ClientRound(
         cfg=cfg,
         content=msg.content,
-        state=context.state,
+        state=ClientState(context),
         train=train,
         spec=spec,
         device=device_for(cfg),

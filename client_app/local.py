@@ -7,6 +7,8 @@ from functools import lru_cache
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
+
+from client_app.state import ClientState
 from torch import nn
 
 from strategies import records
@@ -22,7 +24,7 @@ VALIDATION_FRACTION = 0.2
 class ClientRound:
     cfg: RunConfig
     content: RecordDict  # the server's message
-    state: RecordDict  # the node's state for this run (context.state)
+    state: ClientState  # the node's lasting state for this run
     train: ArrayData
     spec: DataSpec
     device: torch.device
@@ -43,7 +45,8 @@ class ClientRound:
         return model.to(self.device)
 
 
-@lru_cache(maxsize=8)
+# Large enough that a simulation process serving many nodes keeps every node's data.
+@lru_cache(maxsize=1024)
 def node_data(cfg: RunConfig, node_items: tuple) -> tuple[ArrayData, ArrayData, DataSpec]:
     """(train, validation, spec) for a node, cached for the life of the process."""
     spec = data_spec(cfg)

@@ -7,11 +7,29 @@ from collections.abc import Iterable
 import torch
 
 from task.config import RunConfig
+from task.ivon_admm import IVONADMM, effective_sample_size
 
 
 def build_optimizer(
-    cfg: RunConfig, params: Iterable[torch.nn.Parameter], lr: float
+    cfg: RunConfig,
+    params: Iterable[torch.nn.Parameter],
+    lr: float,
+    num_examples: int,
+    rho: float = 1.0,
 ) -> torch.optim.Optimizer:
+    """SGD, or IVON with prior N(0, 1/prior-precision) at ess = N / (temperature * rho).
+
+    rho is 1 except for the BayesADMM client, whose ADMM penalty scales the prior's weight.
+    """
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+    ess = effective_sample_size(num_examples, cfg.temperature, rho)
+    return IVONADMM(
+        params,
+        lr=lr,
+        ess=ess,
+        hess_init=cfg.hess_init,
+        beta2=cfg.beta2,
+        mc_samples=cfg.mc_samples,
+        weight_decay=cfg.prior_precision / ess,
+    )

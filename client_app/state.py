@@ -10,14 +10,14 @@ or a test can tell exactly what was restored. The server's end-of-run message re
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from logging import INFO
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
+
+from task.files import save_npz
 
 STATE_ARRAYS = "client-state"
 STATE_META = "client-state-meta"
@@ -69,20 +69,10 @@ class ClientState:
     def save(self, arrays: dict[str, np.ndarray], server_round: int) -> None:
         """Replace the state; called only at the end of a successful handler."""
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".npz.tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.savez(f, **arrays, **{ROUND_KEY: np.int64(server_round)})
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            save_npz(self.path, {ROUND_KEY: np.int64(server_round), **arrays})
         # Memory last: a failed disk write leaves both copies as they were.
         self.context.state[STATE_ARRAYS] = ArrayRecord(
-            {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+            {k: Array(np.asarray(v)) for k, v in arrays.items()}
         )
         self.context.state[STATE_META] = ConfigRecord({"round": server_round})
 

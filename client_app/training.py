@@ -10,15 +10,25 @@ from torch import nn
 from task.data import ArrayData
 
 
+Penalty = Callable[[], torch.Tensor]
+
+
 def minibatch_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    penalty: Penalty | None = None,
 ) -> float:
-    """One optimizer step on the mean cross-entropy of (x, y); returns the loss.
+    """One optimizer step on the mean cross-entropy of (x, y) plus `penalty()`; returns the loss.
 
     Optimizers that sample weights (IVON) expose `sampled_params`: the gradient is taken at
     each sampled weight vector and the optimizer averages them in `step`.
     """
-    loss_fn = nn.functional.cross_entropy
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(logits, labels)
+        return loss if penalty is None else loss + penalty()
+
     sampler = getattr(optimizer, "sampled_params", None)
     if sampler is None:
         optimizer.zero_grad(set_to_none=True)
@@ -47,6 +57,7 @@ def train_epochs(
     seed: int,
     after_step: Callable[[], None] | None = None,
     after_epoch: Callable[[int], None] | None = None,
+    penalty: Penalty | None = None,
 ) -> float:
     """`epochs` passes over `data` in shuffled minibatches; returns the mean training loss."""
     model.train()
@@ -59,7 +70,7 @@ def train_epochs(
         perm = torch.randperm(len(y), generator=order).to(device)
         for start in range(0, len(y), batch_size):
             idx = perm[start : start + batch_size]
-            total += minibatch_step(model, optimizer, x[idx], y[idx])
+            total += minibatch_step(model, optimizer, x[idx], y[idx], penalty)
             steps += 1
             if after_step is not None:
                 after_step()

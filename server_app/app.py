@@ -9,8 +9,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from server_app.evaluation import evaluate_mean
-from server_app.outputs import MODEL, RunOutputs
+from server_app.evaluation import evaluate_bma, evaluate_mean
+from server_app.outputs import MODEL, POSTERIOR, RunOutputs, save_posterior
 from strategies import STRATEGIES, records
 from strategies.base import FederatedStrategy
 from task.config import ConfigError, RunConfig, parse_run_config
@@ -58,6 +58,10 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
         client_eval = strategy.aggregate_evaluate(server_round, eval_replies)
 
         entry = {"round": server_round, **evaluate_mean(model, arrays, test, device)}
+        if (posterior := strategy.posterior()) is not None:
+            entry |= evaluate_bma(
+                model, posterior, test, device, cfg.eval_mc_samples, cfg.seed + server_round
+            )
         entry |= {
             "sampled": len(train_msgs),
             "replies": report.accepted,
@@ -75,6 +79,8 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
 
     _announce_finish(grid, cfg)
     outputs.save_arrays(MODEL, record_to_numpy(arrays))
+    if (posterior := strategy.posterior()) is not None:
+        save_posterior(outputs.dir / POSTERIOR, *posterior)
     outputs.plot()
     log(INFO, "Results: %s", outputs.dir)
     return outputs

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.app import ArrayRecord
 
 from task.config import RunConfig
+from task.files import save_npz, write_atomic
 
-RESULTS, PLOT, MODEL = "results.json", "metrics.png", "model.npz"
+RESULTS, PLOT, MODEL, POSTERIOR = "results.json", "metrics.png", "model.npz", "posterior.npz"
 
 
 def resolve_output_dir(cfg: RunConfig) -> Path:
@@ -25,20 +25,6 @@ def resolve_output_dir(cfg: RunConfig) -> Path:
     path = path.resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class RunOutputs:
@@ -54,15 +40,19 @@ class RunOutputs:
         write_atomic(self.dir / RESULTS, json.dumps(self.results, indent=2).encode())
 
     def save_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> Path:
-        path = self.dir / name
-        with tempfile.NamedTemporaryFile(dir=self.dir, suffix=".npz", delete=False) as f:
-            np.savez(f, **arrays)
-        os.replace(f.name, path)
-        return path
+        save_npz(self.dir / name, arrays)
+        return self.dir / name
 
     def plot(self) -> Path:
         plot_rounds(self.results["rounds"], self.dir / PLOT, self.results["config"]["strategy"])
         return self.dir / PLOT
+
+
+def save_posterior(path: Path, mean: ArrayRecord, precision: ArrayRecord) -> None:
+    """The global Gaussian N(mean, diag(precision)^-1) as arrays `mean/<key>`, `precision/<key>`."""
+    arrays = {f"mean/{k}": v.numpy() for k, v in mean.items()}
+    arrays |= {f"precision/{k}": v.numpy() for k, v in precision.items()}
+    save_npz(path, arrays)
 
 
 def plot_rounds(rounds: list[dict[str, Any]], path: Path, title: str) -> None:

@@ -87,16 +87,21 @@ class FederatedStrategy(Strategy):
     # ------------------------------------------------------------------ reply checks
 
     def check_replies(
-        self, replies: Iterable[Message], expected_arrays: Mapping[str, Mapping[str, tuple]]
+        self,
+        replies: Iterable[Message],
+        expected_arrays: Mapping[str, Mapping[str, tuple]],
+        positive: Iterable[str] = (),
     ) -> list[Message]:
         """The replies fit to aggregate; the others are logged and counted in `last_round`.
 
-        `expected_arrays` maps each ArrayRecord name to the shapes its arrays must have.
+        `expected_arrays` maps each ArrayRecord name to the shapes its arrays must have;
+        the records named in `positive` (precisions) must be strictly positive.
         """
+        positive = set(positive)
         log_ = RoundLog()
         valid = []
         for reply in replies:
-            reason = self._problem(reply, expected_arrays)
+            reason = self._problem(reply, expected_arrays, positive)
             if reason is None:
                 valid.append(reply)
                 continue
@@ -111,7 +116,9 @@ class FederatedStrategy(Strategy):
         return valid
 
     @staticmethod
-    def _problem(reply: Message, expected: Mapping[str, Mapping[str, tuple]]) -> str | None:
+    def _problem(
+        reply: Message, expected: Mapping[str, Mapping[str, tuple]], positive: set[str]
+    ) -> str | None:
         if reply.has_error():
             return f"client error: {reply.error.reason}"
         content = reply.content
@@ -129,6 +136,8 @@ class FederatedStrategy(Strategy):
                     return f"'{name}/{key}' has dtype {array.dtype}, expected a float type"
                 if not np.isfinite(array).all():
                     return f"'{name}/{key}' has non-finite values"
+                if name in positive and not (array > 0).all():
+                    return f"'{name}/{key}' has values <= 0 (a precision must be positive)"
         metrics = content.metric_records.get(records.METRICS)
         if metrics is None or records.NUM_EXAMPLES not in metrics:
             return f"missing MetricRecord '{records.METRICS}' with '{records.NUM_EXAMPLES}'"

@@ -1,9 +1,19 @@
-"""FedAvg (and FedAvgM): the example-weighted average of client models, with an optional
-server learning rate and momentum applied to the average's displacement."""
+"""FedAvg (and FedAvgM), and the server step FedPA shares with it.
+
+Every client reply becomes a delta, one array per model tensor: FedAvg's theta_last - theta,
+or FedPA's Sigma_hat^-1 (mu_hat - theta). The server takes the example-weighted mean Delta_bar
+and hands g = -Delta_bar to SGD with momentum in PyTorch's form, b <- momentum * b + g,
+theta <- theta - lr * b. With lr 1 and momentum 0 this is plain FedAvg; a server learning rate
+or momentum makes it FedAvgM. A round whose mean is non-finite, or that has no weight at all,
+leaves the state unchanged.
+
+The math functions are pure: they return new arrays and never write into their arguments.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -11,49 +21,116 @@ from flwr.serverapp import Grid
 
 from strategies import records
 from strategies.base import FederatedStrategy, weighted_metrics
+from task.config import RunConfig
 from task.params import numpy_to_record, record_to_numpy
 
-Arrays = dict[str, np.ndarray]
+Arrays = list[np.ndarray]
 
 
-def weighted_average(arrays: Sequence[Arrays], weights: Sequence[float]) -> Arrays | None:
-    """sum_i w_i a_i / sum_i w_i per key, in float64; None when the weights sum to zero."""
-    total = float(sum(weights))
-    if not arrays or total <= 0:
+def weighted_mean(
+    deltas: Sequence[Sequence[np.ndarray]], weights: Sequence[float]
+) -> Arrays | None:
+    """Example-weighted mean of client deltas, tensor by tensor; None when the weights sum to 0.
+
+    Clients with weight 0 are left out rather than multiplied by 0, because 0 * NaN is NaN.
+    Sums run in float64; each result array has the dtype of the clients' array.
+    """
+    if len(deltas) != len(weights):
+        raise ValueError(f"{len(deltas)} deltas but {len(weights)} weights")
+    if any(not (np.isfinite(weight) and weight >= 0) for weight in weights):
+        raise ValueError(f"weights must be finite and >= 0, got {list(weights)}")
+    contributing = [(delta, float(weight)) for delta, weight in zip(deltas, weights) if weight > 0]
+    if not contributing:
         return None
-    return {
-        key: sum(w * a[key].astype(np.float64) for a, w in zip(arrays, weights)) / total
-        for key in arrays[0]
-    }
+    num_tensors = len(contributing[0][0])
+    if any(len(delta) != num_tensors for delta, _ in contributing):
+        raise ValueError("clients sent different numbers of arrays")
+    total_weight = sum(weight for _, weight in contributing)
+    mean = []
+    for index in range(num_tensors):
+        total = np.zeros(contributing[0][0][index].shape, dtype=np.float64)
+        for delta, weight in contributing:
+            total += weight * np.asarray(delta[index], dtype=np.float64)
+        mean.append((total / total_weight).astype(contributing[0][0][index].dtype))
+    return mean
 
 
 def server_sgd_step(
-    params: Arrays, mean_delta: Arrays, buffer: Arrays | None, lr: float, momentum: float
+    params: Sequence[np.ndarray],
+    mean_delta: Sequence[np.ndarray],
+    momentum_buffer: Sequence[np.ndarray] | None,
+    lr: float,
+    momentum: float,
 ) -> tuple[Arrays, Arrays]:
-    """SGD with momentum on the pseudo-gradient g = -mean_delta (PyTorch form).
+    """One SGD-with-momentum step on the pseudo-gradient g = -mean_delta.
 
-    b = momentum * b + g;  params = params - lr * b.  With lr 1 and momentum 0 the new params
-    are params + mean_delta: plain FedAvg when mean_delta is (average - params).
+    PyTorch's form: b <- momentum * b + g (b = g when there is no buffer yet),
+    theta <- theta - lr * b. Returns (new_params, new_buffer), each in the dtype of params.
     """
-    new_buffer = {
-        k: -mean_delta[k] + (momentum * buffer[k] if buffer is not None else 0.0) for k in params
-    }
-    new_params = {k: (params[k] - lr * new_buffer[k]).astype(params[k].dtype) for k in params}
+    if len(params) != len(mean_delta) or (
+        momentum_buffer is not None and len(momentum_buffer) != len(params)
+    ):
+        raise ValueError("params, mean_delta and momentum_buffer must hold the same tensors")
+    new_params = []
+    new_buffer = []
+    for index, param in enumerate(params):
+        gradient = -np.asarray(mean_delta[index], dtype=param.dtype)
+        if momentum_buffer is None:
+            buffer = gradient
+        else:
+            buffer = momentum * momentum_buffer[index] + gradient
+        new_params.append(param - lr * buffer)
+        new_buffer.append(buffer)
     return new_params, new_buffer
+
+
+class RoundOutcome(NamedTuple):
+    params: Arrays
+    momentum_buffer: Arrays | None
+    skipped: bool
+
+
+def aggregate_round(
+    params: Sequence[np.ndarray],
+    deltas: Sequence[Sequence[np.ndarray]],
+    weights: Sequence[float],
+    momentum_buffer: Sequence[np.ndarray] | None,
+    lr: float,
+    momentum: float,
+) -> RoundOutcome:
+    """Average the client deltas by example weight and take one server step.
+
+    When the weights sum to 0 or the mean holds any NaN or Inf, the round is skipped: the
+    returned params and buffer are the ones passed in, and `skipped` is True.
+    """
+    mean_delta = weighted_mean(deltas, weights)
+    if mean_delta is None or not all(np.isfinite(array).all() for array in mean_delta):
+        return RoundOutcome(
+            params=list(params),
+            momentum_buffer=None if momentum_buffer is None else list(momentum_buffer),
+            skipped=True,
+        )
+    new_params, new_buffer = server_sgd_step(params, mean_delta, momentum_buffer, lr, momentum)
+    return RoundOutcome(params=new_params, momentum_buffer=new_buffer, skipped=False)
 
 
 class FedAvg(FederatedStrategy):
     """Clients train from the global weights and send theirs back with their example count."""
 
-    def __init__(self, cfg, initial_arrays: ArrayRecord) -> None:
+    def __init__(self, cfg: RunConfig, initial_arrays: ArrayRecord) -> None:
         super().__init__(cfg, initial_arrays)
-        self.global_arrays = record_to_numpy(initial_arrays)
+        self.keys = list(initial_arrays.keys())
+        self.params: Arrays = [initial_arrays[k].numpy() for k in self.keys]
         self.momentum_buffer: Arrays | None = None
+
+    def client_delta(self, arrays: ArrayRecord) -> Arrays:
+        """A FedAvg client sends its weights; its delta is their displacement."""
+        return [arrays[k].numpy() - p for k, p in zip(self.keys, self.params)]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.global_arrays = record_to_numpy(arrays)
+        self.params = [arrays[k].numpy() for k in self.keys]
         nodes = self.sample_nodes(grid, self.cfg.fraction_train, self.cfg.min_train_nodes)
         content = RecordDict(
             {records.ARRAYS: arrays, records.CONFIG: self.round_config(server_round, config)}
@@ -69,13 +146,15 @@ class FedAvg(FederatedStrategy):
                 f"{len(valid)} usable repl(ies), min-train-nodes is {self.cfg.min_train_nodes}"
             )
         metrics = [r.content.metric_records[records.METRICS] for r in valid]
-        average = weighted_average(
-            [record_to_numpy(r.content.array_records[records.ARRAYS]) for r in valid],
+        outcome = aggregate_round(
+            self.params,
+            [self.client_delta(r.content.array_records[records.ARRAYS]) for r in valid],
             [m[records.NUM_EXAMPLES] for m in metrics],
+            self.momentum_buffer,
+            self.cfg.server_lr,
+            self.cfg.server_momentum,
         )
-        delta = {k: average[k] - self.global_arrays[k] for k in average}
-        new_arrays, self.momentum_buffer = server_sgd_step(
-            self.global_arrays, delta, self.momentum_buffer, self.cfg.server_lr, self.cfg.server_momentum
-        )
-        self.global_arrays = new_arrays
-        return numpy_to_record(new_arrays), weighted_metrics(metrics)
+        if outcome.skipped:
+            return self.skip_round("the averaged update is not finite")
+        self.params, self.momentum_buffer = outcome.params, outcome.momentum_buffer
+        return numpy_to_record(dict(zip(self.keys, self.params))), weighted_metrics(metrics)

@@ -6,3 +6,6 @@ METRICS = "metrics"  # per-reply metrics sent up, always with NUM_EXAMPLES
 NUM_EXAMPLES = "num-examples"
 SERVER_ROUND = "server-round"
 FINISH_ACTION = "finish"  # query action sent to every node when the run ends
+PRECISION = "precision"  # BayesADMM: a diagonal Gaussian's precision, same keys as ARRAYS
+AT_PRIOR = "at-prior"  # BayesADMM: the server global is still the prior (no update applied yet)
+ACCEPTED_ROUND = "accepted-round"  # BayesADMM: last round whose reply from this node was used

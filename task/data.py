@@ -26,7 +26,7 @@ from flwr_datasets.partitioner import (
 
 from task.config import ConfigError, RunConfig
 
-LABEL_COLUMNS = ("label", "labels", "fine_label", "y")
+LABEL_COLUMNS = ("label", "labels", "fine_label", "character", "y")
 INPUT_COLUMNS = ("x", "image", "img", "pixels", "features")
 OFFLINE_SOURCES = ("digits", "synthetic")
 SYNTHETIC_DEVICES = 30  # generator "devices" in the FedProx Synthetic(alpha, beta) recipe
@@ -76,7 +76,9 @@ def synthetic_fedprox(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """FedProx's Synthetic(alpha, beta): per-device softmax-regression data (x, y, device).
 
-    alpha controls how much the devices' models differ, beta how much their inputs differ.
+    alpha shifts each device's model, beta each device's input mean. As published, the alpha
+    shift is common to all classes and so leaves the labels unchanged: label heterogeneity
+    comes from beta (and from the partitioner).
     """
     rng = np.random.default_rng(seed)
     sizes = (rng.lognormal(4, 2, devices).astype(int) + 50).clip(max=1000)
@@ -209,12 +211,13 @@ def load_local_data(path: str | Path) -> ArrayData:
             raise ConfigError(f"node config: data-path '{path}' is a file but not a .npz")
         try:
             with np.load(path, allow_pickle=False) as npz:
-                missing = {"x", "y"} - set(npz.files)
-                if missing:
-                    raise ConfigError(f"data-path '{path}' lacks array(s) {sorted(missing)}")
-                return _as_array_data(npz["x"], npz["y"])
-        except (OSError, ValueError) as err:
+                arrays = {name: npz[name] for name in ("x", "y") if name in npz.files}
+        except Exception as err:  # corrupt files fail in zipfile, zlib, numpy's header parser...
             raise ConfigError(f"data-path '{path}' is not a readable .npz: {err}") from err
+        missing = {"x", "y"} - set(arrays)
+        if missing:
+            raise ConfigError(f"data-path '{path}' lacks array(s) {sorted(missing)}")
+        return _as_array_data(arrays["x"], arrays["y"])
     try:
         loaded = load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as err:
@@ -233,6 +236,11 @@ def node_train_data(cfg: RunConfig, node_config: dict[str, Any]) -> ArrayData:
     except KeyError as err:
         raise ConfigError(
             f"node config needs 'data-path', or 'partition-id' and 'num-partitions' (missing {err})"
+        ) from None
+    except (TypeError, ValueError):
+        raise ConfigError(
+            "node config: partition-id and num-partitions must be integers, got "
+            f"{node_config['partition-id']!r} and {node_config['num-partitions']!r}"
         ) from None
     return partition(cfg, pid, n)
 
@@ -271,8 +279,8 @@ def dataset_to_arrays(ds: Dataset) -> ArrayData:
             f"data set columns {ds.column_names} need an input column (one of {INPUT_COLUMNS}) "
             f"and a label column (one of {LABEL_COLUMNS})"
         )
-    numpy_view = ds.with_format("numpy")
-    return _as_array_data(np.asarray(numpy_view[inputs]), np.asarray(numpy_view[label]))
+    columns = ds.with_format("numpy", columns=[inputs, label])[:]  # one batch conversion
+    return _as_array_data(np.asarray(columns[inputs]), np.asarray(columns[label]))
 
 
 def _as_array_data(x: np.ndarray, y: np.ndarray) -> ArrayData:

@@ -41,7 +41,7 @@ def test_write_is_atomic_and_leaves_no_temporary_files(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("client_app.state.os.replace", crash)
+    monkeypatch.setattr("task.files.os.replace", crash)
     try:
         state.save({"a": np.ones(2)}, 2)
     except OSError:

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from strategies import STRATEGIES
 from tests.flower_runs import LocalFederation
 
 pytestmark = pytest.mark.e2e
@@ -18,16 +19,28 @@ def federation(tmp_path_factory):
     fed.stop()
 
 
-def test_fedavg_on_heterogeneous_digits_with_10_clients(federation, tmp_path):
+# Settings that make each method do its own thing within three short rounds.
+METHOD_SETTINGS = {
+    "fedavg": "",
+    "fedpa": "burnin-rounds=1 local-epochs=3 local-burnin-epochs=1",
+}
+
+
+def test_every_strategy_is_covered():
+    assert set(METHOD_SETTINGS) == set(STRATEGIES)
+
+
+@pytest.mark.parametrize("strategy", sorted(METHOD_SETTINGS))
+def test_strategy_on_heterogeneous_digits_with_10_clients(federation, tmp_path, strategy):
     out = tmp_path / "out"
     run = federation.run(
-        f"strategy='fedavg' dataset='digits' partitioner='dirichlet' dirichlet-alpha=0.5 "
-        f"num-server-rounds=3 output-dir='{out}'",
+        f"strategy='{strategy}' dataset='digits' partitioner='dirichlet' dirichlet-alpha=0.5 "
+        f"num-server-rounds=3 output-dir='{out}' {METHOD_SETTINGS[strategy]}",
         num_supernodes=10,
     )
     assert run.status == "finished:completed", run.logs
     results = json.loads((out / "results.json").read_text())
-    assert results["config"]["strategy"] == "fedavg"
+    assert results["config"]["strategy"] == strategy
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
     for entry in results["rounds"]:
         assert ROUND_KEYS <= entry.keys()
@@ -35,6 +48,8 @@ def test_fedavg_on_heterogeneous_digits_with_10_clients(federation, tmp_path):
     assert results["rounds"][-1]["accuracy"] > 0.3  # learning happened (chance is 0.1)
     assert (out / "metrics.png").stat().st_size > 0 and (out / "model.npz").exists()
     assert "[round 3/3]" in run.logs and f"Results: {out}" in run.logs
+    if strategy == "fedpa":  # sampling switches on after the burn-in round
+        assert [r["train_fedpa_samples"] for r in results["rounds"]] == [0, 2, 2]
 
 
 def test_invalid_value_fails_the_run_with_one_clear_line(federation, tmp_path):

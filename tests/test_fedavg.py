@@ -3,37 +3,35 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from strategies import records
-from strategies.fedavg import FedAvg, server_sgd_step, weighted_average
+from strategies.fedavg import FedAvg, server_sgd_step, weighted_mean
 from task.config import parse_run_config
 from tests.conftest import reply
 
 
-def test_weighted_average_matches_hand_computation():
-    a = {"w": np.array([1.0, 2.0]), "b": np.array([[3.0]])}
-    b = {"w": np.array([4.0, -2.0]), "b": np.array([[0.0]])}
-    avg = weighted_average([a, b], [1, 3])
-    np.testing.assert_allclose(avg["w"], [(1 + 12) / 4, (2 - 6) / 4])
-    np.testing.assert_allclose(avg["b"], [[3 / 4]])
-    assert weighted_average([a, b], [0, 0]) is None
+def test_weighted_mean_matches_hand_computation():
+    a = [np.array([1.0, 2.0]), np.array([[3.0]])]
+    b = [np.array([4.0, -2.0]), np.array([[0.0]])]
+    avg = weighted_mean([a, b], [1, 3])
+    np.testing.assert_allclose(avg[0], [(1 + 12) / 4, (2 - 6) / 4])
+    np.testing.assert_allclose(avg[1], [[3 / 4]])
+    assert weighted_mean([a, b], [0, 0]) is None
 
 
-def test_server_step_without_momentum_is_the_average():
-    params = {"w": np.array([1.0, 1.0])}
-    delta = {"w": np.array([0.5, -1.0])}
-    new, _ = server_sgd_step(params, delta, None, lr=1.0, momentum=0.0)
-    np.testing.assert_allclose(new["w"], [1.5, 0.0])
+def test_server_step_without_momentum_adds_the_mean_delta():
+    new, _ = server_sgd_step([np.array([1.0, 1.0])], [np.array([0.5, -1.0])], None, 1.0, 0.0)
+    np.testing.assert_allclose(new[0], [1.5, 0.0])
 
 
 def test_server_momentum_unrolled_by_hand():
     # b1 = -d1; p1 = p0 - lr*b1.  b2 = m*b1 - d2; p2 = p1 - lr*b2.
     lr, m = 0.5, 0.9
     p0, d1, d2 = np.array([2.0]), np.array([1.0]), np.array([-0.5])
-    p1, buf = server_sgd_step({"w": p0}, {"w": d1}, None, lr, m)
-    p2, _ = server_sgd_step(p1, {"w": d2}, buf, lr, m)
+    p1, buf = server_sgd_step([p0], [d1], None, lr, m)
+    p2, _ = server_sgd_step(p1, [d2], buf, lr, m)
     b1 = -d1
     b2 = m * b1 - d2
-    np.testing.assert_allclose(p1["w"], p0 - lr * b1)
-    np.testing.assert_allclose(p2["w"], p0 - lr * b1 - lr * b2)
+    np.testing.assert_allclose(p1[0], p0 - lr * b1)
+    np.testing.assert_allclose(p2[0], p0 - lr * b1 - lr * b2)
 
 
 def _record(w: np.ndarray) -> ArrayRecord:
@@ -80,10 +78,8 @@ def test_server_momentum_strategy_matches_pure_step(fake_grid):
     for rnd, target in enumerate(([1.0, 2.0], [0.0, -1.0]), start=1):
         msgs = list(strategy.configure_train(rnd, _record(params), ConfigRecord(), fake_grid([1, 2])))
         arrays, _ = strategy.aggregate_train(rnd, [_train_reply(m, target, 5) for m in msgs])
-        expected, buffer = server_sgd_step(
-            {"w": params}, {"w": np.array(target) - params}, buffer, 0.5, 0.9
-        )
-        np.testing.assert_allclose(arrays["w"].numpy(), expected["w"], rtol=1e-6)
+        expected, buffer = server_sgd_step([params], [np.array(target) - params], buffer, 0.5, 0.9)
+        np.testing.assert_allclose(arrays["w"].numpy(), expected[0], rtol=1e-6)
         params = arrays["w"].numpy().astype(np.float64)
 
 
@@ -116,7 +112,7 @@ def test_too_few_valid_replies_skip_the_round(fake_grid):
     )
     assert arrays is None and metrics is None
     assert strategy.last_round.skipped
-    np.testing.assert_array_equal(strategy.global_arrays["w"], np.ones(2))
+    np.testing.assert_array_equal(strategy.params[0], np.ones(2))
 
 
 def test_fraction_train_samples_a_seeded_subset(fake_grid):

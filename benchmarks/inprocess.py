@@ -1,0 +1,89 @@
+"""A federation in one process: the real ServerApp loop, strategies and ClientApp handlers,
+with messages handed over by function call instead of a SuperLink.
+
+Benchmarks use it to run many seeds and settings quickly; what it leaves out (transport,
+process start-up, Ray) is measured separately by `benchmarks/system.py` through real runs.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+
+from client_app.app import app as client_app
+from server_app.app import run
+from server_app.outputs import RunOutputs
+from task.config import parse_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_run_config() -> dict[str, Any]:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return dict(pyproject["tool"]["flwr"]["app"]["config"])
+
+
+def _set_task_identity() -> None:
+    try:
+        from flwr.supercore.task_identity import TaskIdentity
+    except ImportError:  # older flwr releases need no task identity
+        return
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+class InProcessGrid(Grid):
+    """Nodes 1..N, each with its own Context (and so its own lasting state)."""
+
+    def __init__(self, run_config: dict[str, Any], num_nodes: int) -> None:
+        self.contexts = {
+            node: Context(
+                run_id=1,
+                node_id=node,
+                node_config={"partition-id": node - 1, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=run_config,
+            )
+            for node in range(1, num_nodes + 1)
+        }
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+        return [self._deliver(m) for m in messages]
+
+    def _deliver(self, message: Message) -> Message:
+        try:
+            return client_app(message, self.contexts[message.metadata.dst_node_id])
+        except Exception as err:  # a failing client becomes an error reply, as in Flower
+            return Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+
+    # The round loop uses only node discovery and send_and_receive.
+    def set_run(self, run):
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+
+def simulate(overrides: dict[str, Any], num_nodes: int) -> RunOutputs:
+    """Run one federation in this process; returns its outputs (results, folder)."""
+    _set_task_identity()
+    run_config = {**default_run_config(), **overrides}
+    cfg = parse_run_config(run_config)
+    return run(InProcessGrid(run_config, num_nodes), cfg)

@@ -1,0 +1,209 @@
+"""BayesADMM (IVON-ADMM) arithmetic on flat diagonal Gaussians (spec sections 3-5).
+
+Every function takes flat vectors, either all torch tensors or all numpy arrays, and returns the
+same kind. A posterior is (mean, precision); the duals of client k are (v_k, V_k), and the server
+keeps their sums over the whole federation.
+
+Partial participation, the rule of this project (the reference needs all K clients every round):
+- The server averages the replies of the clients that took part (any non-empty subset A), unweighted.
+- The dual sums run over ALL K clients: a client's duals carry its data's information and persist
+  while it is absent. The server adds an increment only for a reply it accepts, and a client commits
+  its increment only when its reply was accepted, so both sides always hold the same sums.
+- alpha = 1 / (1 + K rho) with K the federation size.
+At the fixed point every S_k equals the global, so the average over any A is the global itself and
+the fixed point S_g = delta - sum_k V_k (and its mean) does not depend on A. With A = all clients
+this is exactly the reference update.
+
+The isotropic variant (fixed unit covariance) needs no code of its own: with every precision 1,
+prior precision 1 and zero precision duals, these functions are classic federated ADMM on the means,
+whose dual y_k is -v_k.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from strategies import records
+from strategies.base import FederatedStrategy, weighted_metrics
+from task.config import RunConfig
+from task.params import flatten, numpy_to_record, record_to_numpy, unflatten
+
+
+def client_dual_increment(
+    global_mean, global_precision, client_mean, client_precision, rho: float, damping: float
+):
+    """(dv, dV) = damping rho (S~ m~ - S_k m_k, S~ - S_k), with (m~, S~) the global the client
+    received at the start of the round, not the one that comes out of it."""
+    step = damping * rho
+    dual_mean_increment = step * (global_precision * global_mean - client_precision * client_mean)
+    dual_precision_increment = step * (global_precision - client_precision)
+    return dual_mean_increment, dual_precision_increment
+
+
+@dataclass(frozen=True)
+class DualSums:
+    """sum_k v_k and sum_k V_k over all clients of the federation."""
+
+    mean: object
+    precision: object
+
+    @classmethod
+    def zeros_like(cls, vector) -> DualSums:
+        xp = _array_module(vector)
+        return cls(mean=xp.zeros_like(vector), precision=xp.zeros_like(vector))
+
+
+def accumulate_duals(sums: DualSums, increments: Sequence[tuple]) -> DualSums:
+    """Add the (dv, dV) increments of the accepted replies to the running sums."""
+    mean, precision = sums.mean, sums.precision
+    for dual_mean_increment, dual_precision_increment in increments:
+        mean = mean + dual_mean_increment
+        precision = precision + dual_precision_increment
+    return DualSums(mean=mean, precision=precision)
+
+
+class ServerUpdate(NamedTuple):
+    mean: object
+    precision: object
+    # Coordinates where the ADMM precision was not finite and positive, and the precision-weighted
+    # average of the participating clients was used instead.
+    fallback_coords: int
+
+
+def server_update(
+    client_means: Sequence,
+    client_precisions: Sequence,
+    dual_mean_sum,
+    dual_precision_sum,
+    rho: float,
+    prior_precision,
+    num_clients: int,
+) -> ServerUpdate:
+    """The new global (spec section 4) from the replies of the participating clients A:
+
+        S_g = (1 - alpha) mean_A(S_k)     + alpha (delta - sum_all V_k)
+        m_g = [(1 - alpha) mean_A(S_k m_k) - alpha sum_all v_k] / S_g,   alpha = 1 / (1 + K rho)
+
+    `client_means`/`client_precisions` are the replies of A (see the module docstring for why the
+    dual sums run over all K = `num_clients` clients). The prior is N(0, 1/delta), delta =
+    `prior_precision` (a scalar or a vector). Where S_g is not finite and strictly positive, that
+    coordinate falls back to the precision-weighted average of A, so the global is always a valid
+    Gaussian; `fallback_coords` counts them.
+    """
+    if not client_means or len(client_means) != len(client_precisions):
+        raise ValueError("need one precision per client mean, from at least one client")
+    if len(client_means) > num_clients:
+        raise ValueError(f"{len(client_means)} replies from a federation of {num_clients} clients")
+    alpha = 1.0 / (1.0 + num_clients * rho)
+    num_replies = len(client_means)
+    average_precision = sum(client_precisions) / num_replies
+    average_natural_mean = (
+        sum(precision * mean for mean, precision in zip(client_means, client_precisions))
+        / num_replies
+    )
+    precision = (1.0 - alpha) * average_precision + alpha * (prior_precision - dual_precision_sum)
+    natural_mean = (1.0 - alpha) * average_natural_mean - alpha * dual_mean_sum
+
+    xp = _array_module(precision)
+    fallback = ~(xp.isfinite(precision) & (precision > 0))
+    precision = xp.where(fallback, average_precision, precision)
+    natural_mean = xp.where(fallback, average_natural_mean, natural_mean)
+    return ServerUpdate(natural_mean / precision, precision, int(fallback.sum()))
+
+
+def cosine_lr(lr0: float, round_index: int, num_rounds: int) -> float:
+    """lr0 (1 + cos(pi r / R)) / 2 for round r = 0, ..., R - 1; constant within a round."""
+    return lr0 * 0.5 * (1.0 + math.cos(math.pi * round_index / num_rounds))
+
+
+def _array_module(vector):
+    return torch if isinstance(vector, torch.Tensor) else np
+
+
+class BayesADMM(FederatedStrategy):
+    """Keeps the global posterior (m_g, S_g), the dual sums over all clients, and which round of
+    each node's replies it used; sends each sampled node the global and its `accepted-round`."""
+
+    def __init__(self, cfg: RunConfig, initial_arrays: ArrayRecord) -> None:
+        super().__init__(cfg, initial_arrays)
+        self.like = record_to_numpy(initial_arrays)
+        self.initial_weights = initial_arrays
+        size = sum(a.size for a in self.like.values())
+        # The isotropic variant fixes every covariance to the identity (prior included).
+        self.prior_precision = 1.0 if cfg.posterior == "isotropic" else cfg.prior_precision
+        self.mean = np.zeros(size)
+        self.precision = np.full(size, self.prior_precision)
+        self.at_prior = True
+        self.duals = DualSums.zeros_like(self.mean)
+        self.accepted_round: dict[int, int] = {}
+        self.num_clients = 0
+        self.fallback_coords = 0
+
+    def global_records(self) -> tuple[ArrayRecord, ArrayRecord]:
+        # While at the prior the clients start from the shared initial weights, not from 0.
+        mean = self.initial_weights if self.at_prior else numpy_to_record(unflatten(self.mean, self.like))
+        return mean, numpy_to_record(unflatten(self.precision, self.like))
+
+    def posterior(self) -> tuple[ArrayRecord, ArrayRecord] | None:
+        return None if self.at_prior else self.global_records()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        nodes = self.sample_nodes(grid, self.cfg.fraction_train, self.cfg.min_train_nodes)
+        # K counts every node that has taken part or could: absent nodes keep their duals.
+        self.num_clients = max(self.num_clients, len(list(grid.get_node_ids())))
+        mean, precision = self.global_records()
+        contents = {}
+        for node in nodes:
+            node_config = self.round_config(server_round, config)
+            node_config[records.AT_PRIOR] = self.at_prior
+            node_config[records.ACCEPTED_ROUND] = self.accepted_round.get(node, 0)
+            contents[node] = RecordDict(
+                {records.ARRAYS: mean, records.PRECISION: precision, records.CONFIG: node_config}
+            )
+        return self.messages(contents, MessageType.TRAIN, server_round)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid = self.check_replies(
+            replies,
+            {records.ARRAYS: self.shapes, records.PRECISION: self.shapes},
+            positive=(records.PRECISION,),
+        )
+        if len(valid) < self.cfg.min_train_nodes:
+            return self.skip_round(
+                f"{len(valid)} usable repl(ies), min-train-nodes is {self.cfg.min_train_nodes}"
+            )
+        means = [flatten(record_to_numpy(r.content.array_records[records.ARRAYS])).astype(np.float64) for r in valid]
+        precisions = [flatten(record_to_numpy(r.content.array_records[records.PRECISION])).astype(np.float64) for r in valid]
+        received_mean = np.zeros_like(self.mean) if self.at_prior else self.mean
+        increments = [
+            client_dual_increment(
+                received_mean, self.precision, m, s, self.cfg.rho, self.cfg.dual_damping
+            )
+            for m, s in zip(means, precisions)
+        ]
+        duals = accumulate_duals(self.duals, increments)
+        update = server_update(
+            means, precisions, duals.mean, duals.precision, self.cfg.rho,
+            self.prior_precision, max(self.num_clients, len(valid)),
+        )
+        self.mean, self.precision, self.duals = update.mean, update.precision, duals
+        self.at_prior = False
+        self.fallback_coords = update.fallback_coords
+        for reply in valid:
+            self.accepted_round[reply.metadata.src_node_id] = server_round
+        metrics = weighted_metrics([r.content.metric_records[records.METRICS] for r in valid])
+        if metrics is not None:
+            metrics["precision-fallback-coords"] = update.fallback_coords
+        return self.global_records()[0], metrics
