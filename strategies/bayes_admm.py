@@ -198,7 +198,11 @@ class BayesADMM(FederatedStrategy):
             means, precisions, duals.mean, duals.precision, self.cfg.rho,
             self.prior_precision, max(self.num_clients, len(valid)),
         )
-        self.mean, self.precision, self.duals = update.mean, update.precision, duals
+        # Keep exactly what goes on the wire (the model's dtype), so that the server and the
+        # clients compute the same dual increments from the global they share.
+        self.mean = flatten(unflatten(update.mean, self.like)).astype(np.float64)
+        self.precision = flatten(unflatten(update.precision, self.like)).astype(np.float64)
+        self.duals = duals
         self.at_prior = False
         self.fallback_coords = update.fallback_coords
         for reply in valid:
