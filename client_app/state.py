@@ -23,10 +23,13 @@ STATE_DIR_KEY = "state-dir"
 class ClientState:
     """Named flat arrays plus the round they were saved in, for one node and one run."""
 
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, key: str | None = None) -> None:
+        """`key` names the run's state on disk (the server's state key, which survives a resume
+        of the run under a new Flower run id); the Flower run id when there is none."""
         self.context = context
         state_dir = context.node_config.get(STATE_DIR_KEY)
-        self.path = Path(str(state_dir)) / f"run-{context.run_id}.npz" if state_dir else None
+        name = f"run-{key or context.run_id}.npz"
+        self.path = Path(str(state_dir)) / name if state_dir else None
 
     def load(self) -> dict[str, np.ndarray]:
         """The newest saved arrays: memory, or the disk copy when memory is empty or older."""

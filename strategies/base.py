@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -166,6 +167,17 @@ class FederatedStrategy(Strategy):
             if not r.has_error() and records.METRICS in r.content.metric_records
         ]
         return weighted_metrics(metrics)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """What a checkpoint needs to continue the run: arrays, and JSON-able metadata."""
+        version, internal, gauss = self.rng.getstate()
+        return {}, {"rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        version, internal, gauss = meta["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
 
     def posterior(self) -> tuple[ArrayRecord, ArrayRecord] | None:
         """The global Gaussian (mean, precision) for strategies that keep one, else None."""

@@ -147,6 +147,28 @@ class BayesADMM(FederatedStrategy):
         self.num_clients = 0
         self.fallback_coords = 0
 
+    def state_dict(self):
+        arrays, meta = super().state_dict()
+        nodes = sorted(self.accepted_round)
+        arrays |= {
+            "mean": self.mean,
+            "precision": self.precision,
+            "dual-mean": self.duals.mean,
+            "dual-precision": self.duals.precision,
+            "accepted-nodes": np.array(nodes, dtype=np.uint64),
+            "accepted-rounds": np.array([self.accepted_round[n] for n in nodes], dtype=np.int64),
+        }
+        return arrays, meta | {"at_prior": self.at_prior, "num_clients": self.num_clients}
+
+    def load_state_dict(self, arrays, meta) -> None:
+        super().load_state_dict(arrays, meta)
+        self.mean, self.precision = arrays["mean"], arrays["precision"]
+        self.duals = DualSums(mean=arrays["dual-mean"], precision=arrays["dual-precision"])
+        self.accepted_round = {
+            int(n): int(r) for n, r in zip(arrays["accepted-nodes"], arrays["accepted-rounds"])
+        }
+        self.at_prior, self.num_clients = meta["at_prior"], meta["num_clients"]
+
     def global_records(self) -> tuple[ArrayRecord, ArrayRecord]:
         # While at the prior the clients start from the shared initial weights, not from 0.
         mean = self.initial_weights if self.at_prior else numpy_to_record(unflatten(self.mean, self.like))

@@ -123,6 +123,20 @@ class FedAvg(FederatedStrategy):
         self.params: Arrays = [initial_arrays[k].numpy() for k in self.keys]
         self.momentum_buffer: Arrays | None = None
 
+    def state_dict(self):
+        arrays, meta = super().state_dict()
+        arrays |= {f"params/{i}": p for i, p in enumerate(self.params)}
+        for i, b in enumerate(self.momentum_buffer or []):
+            arrays[f"momentum/{i}"] = b
+        return arrays, meta
+
+    def load_state_dict(self, arrays, meta) -> None:
+        super().load_state_dict(arrays, meta)
+        self.params = [arrays[f"params/{i}"] for i in range(len(self.keys))]
+        self.momentum_buffer = (
+            [arrays[f"momentum/{i}"] for i in range(len(self.keys))] if "momentum/0" in arrays else None
+        )
+
     def client_delta(self, arrays: ArrayRecord) -> Arrays:
         """A FedAvg client sends its weights; its delta is their displacement."""
         return [arrays[k].numpy() - p for k, p in zip(self.keys, self.params)]
