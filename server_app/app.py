@@ -83,6 +83,7 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
             "rejected": report.rejected,
             "failed": report.failed + len(train_msgs) - len(replies),
             "skipped": report.skipped,
+            "problems": report.reasons,
             "bytes_down": sum(payload_bytes(m.content) for m in train_msgs),
             "bytes_up": sum(payload_bytes(m.content) for m in replies if not m.has_error()),
             "eval_bytes_down": sum(payload_bytes(m.content) for m in eval_msgs),

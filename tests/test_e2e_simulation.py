@@ -47,6 +47,7 @@ def test_strategy_on_heterogeneous_digits_with_10_clients(federation, tmp_path, 
     for entry in results["rounds"]:
         assert ROUND_KEYS <= entry.keys()
         assert entry["replies"] == 10 and entry["bytes_down"] > 0 and entry["bytes_up"] > 0
+        assert entry["rejected"] == entry["failed"] == 0 and entry["problems"] == []
     assert results["rounds"][-1]["accuracy"] > 0.25  # learning happened (chance is 0.1)
     assert (out / "metrics.png").stat().st_size > 0 and (out / "model.npz").exists()
     assert "[round 3/3]" in run.logs and f"Results: {out}" in run.logs

@@ -102,6 +102,7 @@ def test_bad_reply_is_rejected_and_the_round_goes_on(fake_grid, bad):
     np.testing.assert_allclose(arrays["w"].numpy(), [2.0, 2.0])
     assert strategy.last_round.accepted == 2 and strategy.last_round.rejected == 1
     assert not strategy.last_round.skipped
+    assert len(strategy.last_round.reasons) == 1 and "node" in strategy.last_round.reasons[0]
 
 
 def test_too_few_valid_replies_skip_the_round(fake_grid):
