@@ -45,6 +45,7 @@ class FederatedStrategy(Strategy):
     def __init__(self, cfg: RunConfig, initial_arrays: ArrayRecord) -> None:
         self.cfg = cfg
         self.shapes = {k: tuple(initial_arrays[k].shape) for k in initial_arrays.keys()}
+        self.dtypes = {k: np.dtype(initial_arrays[k].dtype) for k in initial_arrays.keys()}
         self.rng = random.Random(cfg.seed)
         self.last_round = RoundLog()
 
@@ -87,14 +88,15 @@ class FederatedStrategy(Strategy):
     ) -> list[Message]:
         """The replies fit to aggregate; the others are logged and counted in `last_round`.
 
-        `expected_arrays` maps each ArrayRecord name to the shapes its arrays must have;
-        the records named in `positive` (precisions) must be strictly positive.
+        `expected_arrays` maps each ArrayRecord name to the shapes its arrays must have; every
+        array must also have the model's dtype for its key, and the records named in `positive`
+        (precisions) must be strictly positive.
         """
         positive = set(positive)
         log_ = RoundLog()
         valid = []
         for reply in replies:
-            reason = self._problem(reply, expected_arrays, positive)
+            reason = self._problem(reply, expected_arrays, positive, self.dtypes)
             if reason is None:
                 valid.append(reply)
                 continue
@@ -110,7 +112,10 @@ class FederatedStrategy(Strategy):
 
     @staticmethod
     def _problem(
-        reply: Message, expected: Mapping[str, Mapping[str, tuple]], positive: set[str]
+        reply: Message,
+        expected: Mapping[str, Mapping[str, tuple]],
+        positive: set[str],
+        dtypes: Mapping[str, np.dtype],
     ) -> str | None:
         if reply.has_error():
             return f"client error: {reply.error.reason}"
@@ -127,6 +132,8 @@ class FederatedStrategy(Strategy):
                     return f"'{name}/{key}' has shape {array.shape}, expected {shape}"
                 if not np.issubdtype(array.dtype, np.floating):
                     return f"'{name}/{key}' has dtype {array.dtype}, expected a float type"
+                if key in dtypes and array.dtype != dtypes[key]:
+                    return f"'{name}/{key}' has dtype {array.dtype}, the model's is {dtypes[key]}"
                 if not np.isfinite(array).all():
                     return f"'{name}/{key}' has non-finite values"
                 if name in positive and not (array > 0).all():

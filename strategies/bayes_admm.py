@@ -94,12 +94,17 @@ def server_update(
 
     `client_means`/`client_precisions` are the replies of A (see the module docstring for why the
     dual sums run over all K = `num_clients` clients). The prior is N(0, 1/delta), delta =
-    `prior_precision` (a scalar or a vector). Where S_g is not finite and strictly positive, that
-    coordinate falls back to the precision-weighted average of A, so the global is always a valid
-    Gaussian; `fallback_coords` counts them.
+    `prior_precision` (a scalar or a vector). Where S_g is not finite and strictly positive, or
+    m_g is not finite, that coordinate falls back to the precision-weighted average of A, so the
+    global is always a valid Gaussian; `fallback_coords` counts them.
     """
     if not client_means or len(client_means) != len(client_precisions):
         raise ValueError("need one precision per client mean, from at least one client")
+    vectors = [*client_means, *client_precisions, dual_mean_sum, dual_precision_sum]
+    if getattr(prior_precision, "ndim", 0) > 0:
+        vectors.append(prior_precision)
+    if len({tuple(vector.shape) for vector in vectors}) > 1:
+        raise ValueError("client means, precisions, dual sums and prior differ in length")
     if len(client_means) > num_clients:
         raise ValueError(f"{len(client_means)} replies from a federation of {num_clients} clients")
     alpha = 1.0 / (1.0 + num_clients * rho)
@@ -113,7 +118,8 @@ def server_update(
     natural_mean = (1.0 - alpha) * average_natural_mean - alpha * dual_mean_sum
 
     xp = _array_module(precision)
-    fallback = ~(xp.isfinite(precision) & (precision > 0))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # non-finite: fallback
+        fallback = ~(xp.isfinite(precision) & (precision > 0) & xp.isfinite(natural_mean / precision))
     precision = xp.where(fallback, average_precision, precision)
     natural_mean = xp.where(fallback, average_natural_mean, natural_mean)
     return ServerUpdate(natural_mean / precision, precision, int(fallback.sum()))
