@@ -95,8 +95,12 @@ class FederatedStrategy(Strategy):
         positive = set(positive)
         log_ = RoundLog()
         valid = []
+        seen: set[int] = set()
         for reply in replies:
             reason = self._problem(reply, expected_arrays, positive, self.dtypes)
+            if reply.metadata.src_node_id in seen:  # a duplicate would count one client twice
+                reason = "a second reply from this node in the same round"
+            seen.add(reply.metadata.src_node_id)
             if reason is None:
                 valid.append(reply)
                 continue

@@ -228,9 +228,12 @@ class BayesADMM(FederatedStrategy):
         )
         # Keep exactly what goes on the wire (the model's dtype), so that the server and the
         # clients compute the same dual increments from the global they share.
-        self.mean = flatten(unflatten(update.mean, self.like)).astype(np.float64)
-        self.precision = flatten(unflatten(update.precision, self.like)).astype(np.float64)
-        self.duals = duals
+        with np.errstate(over="ignore"):
+            mean = flatten(unflatten(update.mean, self.like)).astype(np.float64)
+            precision = flatten(unflatten(update.precision, self.like)).astype(np.float64)
+        if not (np.isfinite(mean).all() and np.isfinite(precision).all() and (precision > 0).all()):
+            return self.skip_round("the new global does not fit the model's dtype")
+        self.mean, self.precision, self.duals = mean, precision, duals
         self.at_prior = False
         self.fallback_coords = update.fallback_coords
         for reply in valid:

@@ -142,3 +142,22 @@ def test_run_saves_posterior_and_bma_metrics_and_predicts(tmp_path, capsys):
 def test_predict_reports_a_bad_run_folder(tmp_path, capsys):
     assert predict_main([str(tmp_path), str(tmp_path / "x.npz")]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_a_global_outside_float32_skips_the_round(fake_grid):
+    # rho 10: the dual term doubles a mean near float32's largest value (m_g = 5.4e38).
+    cfg = parse_run_config({**default_run_config(), **SMALL, "min-train-nodes": 1, "rho": 10.0,
+                            "dual-damping": 1.0})
+    initial = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
+    strategy = BayesADMM(cfg, initial)
+    msgs = list(strategy.configure_train(1, initial, ConfigRecord(), fake_grid([1])))
+    huge = RecordDict({
+        records.ARRAYS: ArrayRecord({"w": Array(np.full(2, 3e38, dtype=np.float32))}),
+        records.PRECISION: ArrayRecord({"w": Array(np.ones(2, dtype=np.float32))}),
+        records.METRICS: MetricRecord({records.NUM_EXAMPLES: 10}),
+    })
+    before = strategy.state_dict()[0]
+    assert strategy.aggregate_train(1, [reply(msgs[0], huge)]) == (None, None)
+    assert strategy.last_round.skipped and strategy.at_prior and strategy.accepted_round == {}
+    for key, value in strategy.state_dict()[0].items():
+        np.testing.assert_array_equal(value, before[key])
