@@ -75,8 +75,13 @@ FULL: dict[str, Any] = {
     "agg_clients": (10, 100, 1000),
     "agg_params": (10_000, 1_000_000),
     "agg_repeats": 5,
-    "agg_memory_budget_gb": 3.0,
-    "round_strategies": ("fedavg", "fedpa", "bayes-admm"),
+    "agg_memory_budget_gb": 5.0,
+    # (label, run-config overrides, strategies): the MLP of the e2e tests, and a CNN whose local
+    # compute per round is some 50 times larger, to show which costs are fixed per message.
+    "round_workloads": [
+        ("digits mlp", {"model": "mlp"}, ("fedavg", "fedpa", "bayes-admm")),
+        ("digits cnn", {"model": "cnn"}, ("fedavg", "bayes-admm")),
+    ],
     "round_nodes": 10,
     "round_rounds": 4,
     "round_repeats": 2,
@@ -93,7 +98,7 @@ QUICK: dict[str, Any] = {
     "agg_params": (10_000,),
     "agg_repeats": 2,
     "agg_memory_budget_gb": 0.5,
-    "round_strategies": ("fedavg", "fedpa", "bayes-admm"),
+    "round_workloads": [("digits mlp", {"model": "mlp"}, ("fedavg", "fedpa", "bayes-admm"))],
     "round_nodes": 4,
     "round_rounds": 2,
     "round_repeats": 1,
@@ -393,8 +398,8 @@ def bench_aggregation(settings: dict[str, Any], log: Callable[[str], None]) -> l
                     rows.append(row)
                     log(f"aggregation {strategy_name} K={num_clients} P={num_params}: {row['status']}")
                     continue
-                seconds = []
-                for _ in range(settings["agg_repeats"]):
+                seconds: list[float] = []
+                while len(seconds) < settings["agg_repeats"] and sum(seconds) < 20.0:
                     strategy, replies = _aggregation_case(strategy_name, num_clients, num_params)
                     gc.collect()
                     started = time.perf_counter()
@@ -510,11 +515,11 @@ def run_in_process(overrides: dict[str, Any], num_nodes: int) -> tuple[dict, dic
     return outputs.results, timers.rounds
 
 
-def split_row(strategy: str, mode: str, repeat: int, entry: dict, timers: dict | None,
+def split_row(label: dict[str, Any], mode: str, entry: dict, timers: dict | None,
               local_training: float) -> dict[str, Any]:
     """One round: its seconds, the local training in it, and everything else."""
     seconds = entry["seconds"]
-    row = {"strategy": strategy, "mode": mode, "repeat": repeat, "round": entry["round"],
+    row = {**label, "mode": mode, "round": entry["round"], "clients": entry["sampled"],
            "round_seconds": seconds, "local_training_seconds": local_training,
            "everything_else_seconds": seconds - local_training,
            "everything_else_vs_local": (seconds - local_training) / local_training,
@@ -542,45 +547,52 @@ def bench_rounds(settings: dict[str, Any], out: Path, log: Callable[[str], None]
     nodes, rounds = settings["round_nodes"], settings["round_rounds"]
     launcher = ROOT / "scripts" / "launch_federation.py"
     for repeat in range(settings["round_repeats"]):
-        for strategy in settings["round_strategies"]:
-            overrides = {**ROUND_BASE, **STRATEGY_SETTINGS[strategy], "strategy": strategy,
-                         "num-server-rounds": rounds}
-            folder = out / "runs" / f"{strategy}-inprocess-{repeat}"
-            shutil.rmtree(folder, ignore_errors=True)
-            results, timers = run_in_process({**overrides, "output-dir": str(folder)}, nodes)
-            local = {r: t.get("local_training", 0.0) for r, t in timers.items()}
-            for entry in results["rounds"]:
-                rows["round_split"].append(
-                    split_row(strategy, "in-process", repeat, entry, timers[entry["round"]], local[entry["round"]])
-                )
-            last = rows["round_split"][-1]
-            log(f"in-process {strategy} #{repeat}: round {last['round_seconds']:.2f} s, local "
-                f"training {last['local_training_seconds']:.2f} s")
+        for workload, workload_overrides, strategies in settings["round_workloads"]:
+            for strategy in strategies:
+                overrides = {**ROUND_BASE, **STRATEGY_SETTINGS[strategy], **workload_overrides,
+                             "strategy": strategy, "num-server-rounds": rounds}
+                tag = f"{strategy}-{workload.replace(' ', '-')}-{repeat}"
+                label = {"workload": workload, "strategy": strategy, "repeat": repeat}
 
-            if simulation:
-                folder = out / "runs" / f"{strategy}-simulation-{repeat}"
+                folder = out / "runs" / f"{tag}-inprocess"
                 shutil.rmtree(folder, ignore_errors=True)
-                with tempfile.TemporaryDirectory() as home:
-                    federation = LocalFederation(Path(home))
-                    federation.env["OMP_NUM_THREADS"] = str(threads)
-                    try:
-                        run = federation.run(_run_config_string({**overrides, "output-dir": str(folder)}), nodes)
-                    finally:
-                        federation.stop()
-                if run.status != "finished:completed":
-                    raise RuntimeError(f"flwr run {strategy}: {run.status}\n{run.logs[-3000:]}")
-                sim = json.loads((folder / "results.json").read_text())
-                for entry in sim["rounds"]:
-                    rows["simulation"].append(
-                        split_row(strategy, "simulation", repeat, entry, None, local[entry["round"]])
-                    )
-                last = rows["simulation"][-1]
-                log(f"flwr run {strategy} #{repeat}: round {last['round_seconds']:.2f} s")
+                results, timers = run_in_process({**overrides, "output-dir": str(folder)}, nodes)
+                local = {r: t.get("local_training", 0.0) for r, t in timers.items()}
+                for entry in results["rounds"]:
+                    rows["round_split"].append(split_row(
+                        label, "in-process", entry, timers[entry["round"]], local[entry["round"]]
+                    ))
+                last = rows["round_split"][-1]
+                log(f"in-process {workload} {strategy} #{repeat}: round {last['round_seconds']:.2f} s,"
+                    f" local training {last['local_training_seconds']:.2f} s")
 
-            if deployment:
-                rows["deployment"] += _deployment_rows(
-                    launcher, strategy, repeat, overrides, nodes, local, out, threads, log
-                )
+                if simulation:
+                    folder = out / "runs" / f"{tag}-simulation"
+                    shutil.rmtree(folder, ignore_errors=True)
+                    with tempfile.TemporaryDirectory() as home:
+                        federation = LocalFederation(Path(home))
+                        federation.env["OMP_NUM_THREADS"] = str(threads)
+                        try:
+                            run = federation.run(
+                                _run_config_string({**overrides, "output-dir": str(folder)}), nodes
+                            )
+                        finally:
+                            federation.stop()
+                    if run.status != "finished:completed":
+                        raise RuntimeError(f"flwr run {tag}: {run.status}\n{run.logs[-3000:]}")
+                    sim = json.loads((folder / "results.json").read_text())
+                    for entry in sim["rounds"]:
+                        rows["simulation"].append(
+                            split_row(label, "simulation", entry, None, local[entry["round"]])
+                        )
+                    log(f"flwr run {workload} {strategy} #{repeat}: round "
+                        f"{rows['simulation'][-1]['round_seconds']:.2f} s")
+
+                if deployment:
+                    rows["deployment"] += _deployment_rows(
+                        launcher, label, overrides, nodes, local, out / "runs" / f"{tag}-deployment",
+                        threads, log,
+                    )
     return rows
 
 
@@ -593,14 +605,15 @@ def _run_config_string(overrides: dict[str, Any]) -> str:
     return " ".join(f"{k}={value(v)}" for k, v in overrides.items())
 
 
-def _deployment_rows(launcher: Path, strategy: str, repeat: int, overrides: dict, nodes: int,
-                     local: dict[int, float], out: Path, threads: int,
+def _deployment_rows(launcher: Path, label: dict[str, Any], overrides: dict, nodes: int,
+                     local: dict[int, float], folder: Path, threads: int,
                      log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """The same run through a SuperLink and N SuperNodes on loopback, started by the launcher."""
+    """The same run through a SuperLink and N SuperNodes on loopback, started by the launcher
+    (its documented CLI: `start --dir D --nodes N`, `flwr run . bayesfl` with FLWR_HOME=D/flwr-home,
+    `stop --dir D`)."""
     if not launcher.exists():
-        return [{"strategy": strategy, "mode": "deployment", "repeat": repeat,
+        return [{**label, "mode": "deployment",
                  "status": "not run: scripts/launch_federation.py is not in this checkout"}]
-    folder = out / "runs" / f"{strategy}-deployment-{repeat}"
     shutil.rmtree(folder, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with tempfile.TemporaryDirectory() as fed:
@@ -616,15 +629,14 @@ def _deployment_rows(launcher: Path, strategy: str, repeat: int, overrides: dict
                 cwd=ROOT, env=run_env, check=True, capture_output=True, text=True, timeout=1800,
             )
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
-            detail = getattr(err, "stderr", "") or ""
-            return [{"strategy": strategy, "mode": "deployment", "repeat": repeat,
-                     "status": f"failed: {err}; {detail[-500:]}"}]
+            detail = (getattr(err, "stderr", "") or "")[-500:]
+            return [{**label, "mode": "deployment", "status": f"failed: {err}; {detail}"}]
         finally:
             subprocess.run(stop, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     results = json.loads((folder / "results.json").read_text())
-    rows = [split_row(strategy, "deployment", repeat, e, None, local[e["round"]]) | {"status": "ok"}
+    rows = [split_row(label, "deployment", e, None, local[e["round"]]) | {"status": "ok"}
             for e in results["rounds"]]
-    log(f"deployment {strategy} #{repeat}: round {rows[-1]['round_seconds']:.2f} s")
+    log(f"deployment {label['workload']} {label['strategy']}: round {rows[-1]['round_seconds']:.2f} s")
     return rows
 
 
@@ -634,13 +646,13 @@ def summarize_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "everything_else_vs_local", "client_handler_other_seconds", "server_evaluation_seconds",
             "aggregation_seconds", "configure_seconds", "loop_other_seconds"]
     out = []
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str, str], list[dict]] = {}
     for row in rows:
         if "round_seconds" in row:
-            groups.setdefault((row["strategy"], row["mode"]), []).append(row)
-    for (strategy, mode), group in groups.items():
+            groups.setdefault((row["workload"], row["strategy"], row["mode"]), []).append(row)
+    for (workload, strategy, mode), group in groups.items():
         later = [r for r in group if r["round"] > 1] or group
-        summary = {"strategy": strategy, "mode": mode, "rounds": len(later)}
+        summary = {"workload": workload, "strategy": strategy, "mode": mode, "rounds": len(later)}
         for key in keys:
             if all(key in r for r in later):
                 summary[key] = median(r[key] for r in later)
@@ -651,16 +663,20 @@ def summarize_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def bytes_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Bytes per training round per strategy (the in-process runs; the wire payload is the same)."""
-    table, fedavg = [], None
-    for strategy in ("fedavg", "fedpa", "bayes-admm"):
-        mine = [r for r in rows if r["strategy"] == strategy and r["mode"] == "in-process"]
-        if not mine:
-            continue
-        down, up = median(r["bytes_down"] for r in mine), median(r["bytes_up"] for r in mine)
-        if strategy == "fedavg":
-            fedavg = down + up
-        table.append({"strategy": strategy, "bytes_down": down, "bytes_up": up,
-                      "vs_fedavg": (down + up) / fedavg if fedavg else float("nan")})
+    table = []
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        fedavg = None
+        for strategy in ("fedavg", "fedpa", "bayes-admm"):
+            mine = [r for r in rows if r["workload"] == workload and r["strategy"] == strategy
+                    and r["mode"] == "in-process"]
+            if not mine:
+                continue
+            down, up = median(r["bytes_down"] for r in mine), median(r["bytes_up"] for r in mine)
+            if strategy == "fedavg":
+                fedavg = down + up
+            table.append({"workload": workload, "strategy": strategy, "clients": mine[0].get("clients"),
+                          "bytes_down": down, "bytes_up": up,
+                          "vs_fedavg": (down + up) / fedavg if fedavg else float("nan")})
     return table
 
 
@@ -711,10 +727,11 @@ def main(argv: list[str] | None = None) -> int:
                         "OMP_NUM_THREADS of the flwr processes)")
     parser.add_argument("--sections", default=None,
                         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; "
-                             "--quick leaves out deployment)")
+                             "--quick leaves out simulation and deployment)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
-    default = [s for s in SECTIONS if not (args.quick and s == "deployment")]
+    # --quick leaves out the real Flower runs: each takes a minute before its first round ends.
+    default = [s for s in SECTIONS if not (args.quick and s in ("simulation", "deployment"))]
     sections = args.sections.split(",") if args.sections else default
     unknown = set(sections) - set(SECTIONS)
     if unknown:
