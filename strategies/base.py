@@ -64,12 +64,20 @@ class FederatedStrategy(Strategy):
         size = min(len(nodes), max(math.ceil(fraction * len(nodes)), minimum))
         return sorted(self.rng.sample(nodes, size))
 
-    @staticmethod
     def messages(
-        contents: Mapping[int, RecordDict], message_type: str, server_round: int
+        self, contents: Mapping[int, RecordDict], message_type: str, server_round: int
     ) -> list[Message]:
+        """One message per node, alive only as long as the round waits for replies.
+
+        Flower's default time-to-live is 12 hours: a node that was down during a round would
+        otherwise pull that round's stale message when it comes back, train on an old model
+        (and change its client state from it) before it gets to the current round's message.
+        """
         return [
-            Message(content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
+            Message(
+                content, dst_node_id=node, message_type=message_type, group_id=str(server_round),
+                ttl=self.cfg.round_timeout,
+            )
             for node, content in contents.items()
         ]
 

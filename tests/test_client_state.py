@@ -55,3 +55,39 @@ def test_clear_removes_memory_and_disk(tmp_path):
     ClientState(ctx).save({"a": np.zeros(2)}, 1)
     ClientState(ctx).clear()
     assert ClientState(ctx).load() == {} and not (tmp_path / "run-7.npz").exists()
+
+
+def test_digest_covers_keys_values_dtypes_and_shapes():
+    import hashlib
+
+    from client_app.state import state_digest
+
+    a = np.arange(6.0).reshape(2, 3)
+    expected = hashlib.sha256(b"a|<f8|(2, 3)|" + a.tobytes()).hexdigest()
+    assert state_digest({"a": a}) == expected
+    assert state_digest({"a": a, "b": np.zeros(1)}) == state_digest({"b": np.zeros(1), "a": a})
+    assert state_digest({"a": a.reshape(3, 2)}) != expected
+    assert state_digest({"a": a.astype(np.float32)}) != expected
+    assert state_digest({"x": a}) != expected
+
+
+def test_restore_from_disk_logs_round_and_digest_once_memory_is_empty(tmp_path, caplog):
+    import logging
+
+    from client_app.state import read_state_file, state_digest
+
+    arrays = {"dual": np.linspace(0, 1, 5), "count": np.array([3])}
+    ClientState(_context({"state-dir": str(tmp_path)})).save(arrays, server_round=4)
+    saved_round, saved = read_state_file(tmp_path / "run-7.npz")
+    assert saved_round == 4 and state_digest(saved) == state_digest(arrays)
+
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        restarted = _context({"state-dir": str(tmp_path)})  # empty memory
+        ClientState(restarted).load()
+        ClientState(restarted).save(arrays, server_round=5)
+        ClientState(restarted).load()  # memory is current now: no second restore
+    restores = [r.getMessage() for r in caplog.records if "Restored client state" in r.getMessage()]
+    assert restores == [
+        f"Restored client state of run 7 from {tmp_path / 'run-7.npz'} "
+        f"(round 4, sha256 {state_digest(arrays)})"
+    ]

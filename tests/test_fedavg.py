@@ -135,3 +135,11 @@ def test_a_second_reply_from_the_same_node_is_rejected(fake_grid):
     np.testing.assert_allclose(arrays["w"].numpy(), [2.0, 2.0])
     assert strategy.last_round.rejected == 1
     assert "second reply" in strategy.last_round.reasons[0]
+
+
+def test_round_messages_expire_when_the_round_stops_waiting(fake_grid):
+    # A node that comes back after a round must not pull and train on that round's message.
+    strategy = _strategy(**{"round-timeout": 42.0, "fraction-evaluate": 1.0})
+    train = strategy.configure_train(1, _record(np.zeros(2)), ConfigRecord(), fake_grid([1, 2]))
+    evaluate = strategy.configure_evaluate(1, _record(np.zeros(2)), ConfigRecord(), fake_grid([1, 2]))
+    assert [m.metadata.ttl for m in [*train, *evaluate]] == [42.0] * 4
