@@ -368,7 +368,7 @@ class Federation:
         60 s). A restart therefore first waits, up to `timeout`, for the SuperLink to see it
         offline."""
         node = self.node(index)
-        if node.pid is not None and self._alive(node.pid):
+        if node.pid is not None and alive(node.pid):
             raise FederationError(f"node {index} is already running (pid {node.pid})")
         previous_id = self.node_id(index) if self.log_path(f"node-{index}").exists() else None
         if previous_id is not None:
@@ -428,7 +428,7 @@ class Federation:
         self._kill_member(SUPERLINK, self.spec.superlink_pid, False, timeout)
         self.spec.superlink_pid = None
         # A process that was being started while its parent stopped.
-        _signal_all(self._marked(), signal.SIGKILL)
+        _signal_all(self.processes(), signal.SIGKILL)
         self.save()
 
     def remove_state(self) -> None:
@@ -451,50 +451,29 @@ class Federation:
 
     # ------------------------------------------------------------------ process plumbing
 
-    @staticmethod
-    def _alive(pid: int | None) -> bool:
-        if pid is None:
-            return False
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            return False
-
     def _check_alive(self, member: str, pid: int | None) -> None:
-        if not self._alive(pid):
+        if not alive(pid):
             raise FederationError(f"{member} exited:\n{self.tail(member)}")
 
-    def _marked(self, member: str | None = None) -> list[int]:
-        """Live processes started for `member` (or for any member of this federation), found
-        by the marker in their environment, which every descendant inherits."""
-        wanted = f"{MEMBER_ENV}={self.marker(member) if member else self.marker('')}".encode()
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                variables = (entry / "environ").read_bytes().split(b"\0")
-            except OSError:  # gone, a kernel thread, or another user's process
-                continue
-            if any(v == wanted if member else v.startswith(wanted) for v in variables):
-                if self._alive(int(entry.name)):
-                    found.append(int(entry.name))
-        return found
+    def processes(self, member: str | None = None) -> list[int]:
+        """Live processes started for `member`, or for any member of this federation."""
+        if member is None:
+            return marked_processes(self.marker(""), prefix=True)
+        return marked_processes(self.marker(member), prefix=False)
 
     def _kill_member(self, member: str, pid: int | None, crash: bool, timeout: float) -> None:
         """SIGTERM (SIGKILL when `crash`) to the member's process group and to every other
         process with its marker: Flower starts its SuperExec and app processes in sessions
         of their own. Whatever still runs after `timeout` gets SIGKILL."""
         sig = signal.SIGKILL if crash else signal.SIGTERM
-        if pid is not None and self._alive(pid):
+        if pid is not None and alive(pid):
             try:
                 os.killpg(pid, sig)
             except ProcessLookupError:
                 pass
-        _signal_all(self._marked(member), sig)
+        _signal_all(self.processes(member), sig)
         deadline, escalated = time.monotonic() + timeout, crash
-        while remaining := self._marked(member):
+        while remaining := self.processes(member):
             if time.monotonic() > deadline:
                 if escalated:
                     raise FederationError(f"{member}: pid(s) {remaining} survive SIGKILL")
@@ -503,6 +482,35 @@ class Federation:
             time.sleep(0.2)
         if member in self.procs:  # our own child: collect its exit status (no zombie)
             self.procs.pop(member).wait(timeout)
+
+
+def alive(pid: int | None) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet collected by its parent, does not)."""
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def marked_processes(value: str, prefix: bool) -> list[int]:
+    """Live processes whose environment sets MEMBER_ENV to `value` (or to something that starts
+    with it); every descendant inherits the variable, wherever Flower reparents it."""
+    wanted = f"{MEMBER_ENV}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            variables = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, a kernel thread, or another user's process
+            continue
+        if any(v.startswith(wanted) if prefix else v == wanted for v in variables):
+            if alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found
 
 
 def _signal_all(pids: list[int], sig: signal.Signals) -> None:
@@ -541,13 +549,13 @@ def cmd_start(args: argparse.Namespace) -> None:
 
 def cmd_status(args: argparse.Namespace) -> None:
     fed = Federation.load(args.dir)
-    alive = "running" if fed._alive(fed.spec.superlink_pid) else "stopped"
-    print(f"superlink: {alive} (pid {fed.spec.superlink_pid}), connection "
-          f"'{fed.spec.connection}' at {fed.control_address}, FLWR_HOME={fed.flwr_home}")
+    running = {True: "running", False: "stopped"}
+    print(f"superlink: {running[alive(fed.spec.superlink_pid)]} (pid {fed.spec.superlink_pid}), "
+          f"connection '{fed.spec.connection}' at {fed.control_address}, FLWR_HOME={fed.flwr_home}")
     for node in fed.spec.nodes:
-        alive = "running" if fed._alive(node.pid) else "stopped"
-        print(f"node-{node.index}: {alive} (pid {node.pid}), SuperNode ID {fed.node_id(node.index)}")
-    if fed._alive(fed.spec.superlink_pid):
+        print(f"node-{node.index}: {running[alive(node.pid)]} (pid {node.pid}), "
+              f"SuperNode ID {fed.node_id(node.index)}")
+    if alive(fed.spec.superlink_pid):
         print(fed.flwr("supernode", "list", fed.spec.connection).stdout)
 
 

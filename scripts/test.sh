@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Sets up, then runs the whole test suite (unit, property and end-to-end tests).
+# Sets up, then runs the whole test suite (unit, property and end-to-end tests). The deployment
+# tests run a federation on the default flwr and one on flwr 1.36 (gRPC), from .venv-flwr136.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
+bash scripts/setup_flwr136.sh
 source .venv/bin/activate
 exec python -m pytest -q -p no:cacheprovider "$@"

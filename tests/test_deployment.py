@@ -1,0 +1,235 @@
+"""End to end on real processes: one SuperLink and three SuperNodes on loopback with TLS and
+SuperNode authentication on, started by scripts/launch_federation.py, once with the default
+flwr (Fleet API over HTTPS) and once with flwr 1.36 from .venv-flwr136 (Fleet API over gRPC).
+
+Each environment gets one federation for the whole module. Every deployment message starts a
+fresh ClientApp process that imports torch (seconds on two cores), so runs are kept to two
+rounds of logistic regression on digits without client-side evaluation, and the strategies'
+runs share the federation at the same time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import ssl
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from client_app.state import read_state_file, state_digest
+from scripts.launch_federation import Federation
+from strategies import STRATEGIES
+
+pytestmark = pytest.mark.deployment
+
+REPO = Path(__file__).resolve().parents[1]
+ENVIRONMENTS = {
+    "default": Path(sys.executable).parent,  # the flwr installed with the test runner
+    "flwr136": REPO / ".venv-flwr136" / "bin",  # made by scripts/setup_flwr136.sh
+}
+NUM_NODES = 3
+# The strategy whose clients keep state (duals) between rounds; the restart test checks it.
+STATEFUL_STRATEGY = "bayes-admm"
+SHORT_RUN = "dataset='digits' model='logreg' local-epochs=1 fraction-evaluate=0.0 seed=0"
+# What a strategy needs beyond SHORT_RUN: BayesADMM's diagonal posterior is IVON's; FedPA
+# samples the posterior from round 2 on instead of after 10 FedAvg-like burn-in rounds.
+STRATEGY_SETTINGS = {"bayes-admm": "optimizer='ivon'", "fedpa": "burnin-rounds=1"}
+
+
+@pytest.fixture(scope="module", params=sorted(ENVIRONMENTS))
+def federation(request, tmp_path_factory):
+    bin_dir = ENVIRONMENTS[request.param]
+    assert (bin_dir / "flower-superlink").exists(), (
+        f"{bin_dir} has no Flower; run scripts/setup.sh and scripts/setup_flwr136.sh"
+    )
+    fed = Federation.create(tmp_path_factory.mktemp(f"federation-{request.param}"), NUM_NODES, bin_dir)
+    try:
+        fed.start(timeout=120)
+        yield fed
+    finally:
+        fed.stop()
+        assert fed.processes() == [], "processes of the federation survived its stop"
+
+
+def submit(fed: Federation, run_config: str) -> int:
+    started = fed.flwr("run", str(REPO), fed.spec.connection, "--format", "json",
+                       "--run-config", run_config)
+    reply = json.loads(started.stdout)
+    assert started.returncode == 0 and reply.get("success"), started.stdout + started.stderr
+    return int(reply["run-id"])
+
+
+def run_status(fed: Federation, run_id: int) -> str:
+    listed = fed.flwr("ls", fed.spec.connection, "--run-id", str(run_id), "--format", "json")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    return json.loads(listed.stdout)["runs"][0]["status"]
+
+
+def wait_finished(fed: Federation, run_id: int, out: Path, timeout: float) -> str:
+    """Until the run is over. A `flwr ls` costs about a CPU-second, which the federation needs
+    on two cores, so this watches the run's own final file and asks the SuperLink only every
+    15 s (to notice a failed run) and once that file is there."""
+    deadline = time.monotonic() + timeout
+    ask_at = time.monotonic() + 15
+    while True:
+        if (out / "model.npz").exists() or time.monotonic() > ask_at:
+            status = run_status(fed, run_id)
+            if status.startswith("finished"):
+                return status
+            ask_at = time.monotonic() + 15
+        assert time.monotonic() < deadline, (
+            f"run {run_id} not finished after {timeout:.0f}s\n{run_logs(fed, run_id)}"
+        )
+        time.sleep(0.5)
+
+
+def run_logs(fed: Federation, run_id: int) -> str:
+    return fed.flwr("log", str(run_id), fed.spec.connection, "--show").stdout
+
+
+def rounds_written(out: Path) -> list[dict]:
+    try:
+        return json.loads((out / "results.json").read_text())["rounds"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def wait_for(condition, timeout: float, what: str, poll: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
+        time.sleep(poll)
+    return value
+
+
+def test_superlink_serves_tls_with_the_generated_certificate(federation):
+    context = ssl.create_default_context(cafile=str(federation.certs / "ca.crt"))
+    context.set_alpn_protocols(["h2", "http/1.1"])  # the gRPC ports speak HTTP/2 only
+    for address in {federation.fleet_address, federation.control_address}:
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname=host) as tls:
+                assert tls.version() in ("TLSv1.2", "TLSv1.3")
+                names = [v for _, v in tls.getpeercert()["subjectAltName"]]
+        assert {"localhost", "127.0.0.1"} <= set(names)
+    banner = federation.log_path("superlink").read_text()
+    if federation.spec.grpc_fleet:
+        assert "Starting Fleet API (gRPC-rere)" in banner
+    else:
+        assert "Uvicorn running on https://" in banner
+
+
+@pytest.fixture(scope="module")
+def strategy_runs(federation, tmp_path_factory):
+    """A short run of every registered strategy, all submitted at once: the SuperLink runs them
+    side by side and every node serves all of them, so one run's polling and start-up waits
+    overlap the others' work. Maps strategy -> (run id, output dir, final status)."""
+    submitted = {}
+    for strategy in sorted(STRATEGIES):
+        out = tmp_path_factory.mktemp(f"run-{strategy}") / "out"
+        run_id = submit(
+            federation,
+            f"strategy='{strategy}' {SHORT_RUN} {STRATEGY_SETTINGS.get(strategy, '')} "
+            f"num-server-rounds=2 min-train-nodes={NUM_NODES} round-timeout=300 output-dir='{out}'",
+        )
+        submitted[strategy] = (run_id, out)
+    return {
+        strategy: (run_id, out, wait_finished(federation, run_id, out, timeout=420))
+        for strategy, (run_id, out) in submitted.items()
+    }
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_strategy_completes_a_short_run(federation, strategy_runs, strategy):
+    run_id, out, status = strategy_runs[strategy]
+    logs = run_logs(federation, run_id)
+    assert status == "finished:completed", logs
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["strategy"] == strategy
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    for entry in results["rounds"]:
+        assert entry["replies"] == NUM_NODES and not entry["skipped"], entry
+    assert (out / "model.npz").exists() and f"Results: {out}" in logs
+
+
+@pytest.fixture(scope="module")
+def crash_drill(federation, tmp_path_factory):
+    """A stateful run during which node 2 dies (SIGKILL to it and its ClientApps) after round 1,
+    and comes back with the same key and state-dir once the SuperLink has noticed. Returns
+    what the tests below check."""
+    assert STATEFUL_STRATEGY in STRATEGIES, f"{STATEFUL_STRATEGY} is not registered"
+    victim, out = NUM_NODES - 1, tmp_path_factory.mktemp("crash-drill") / "out"
+    # round-timeout: above a normal round on a busy 2-core machine (about 25 s) and above the
+    # 60 s the SuperLink may take to notice a dead node, so round 2 ends when it does.
+    run_id = submit(
+        federation,
+        f"strategy='{STATEFUL_STRATEGY}' {SHORT_RUN} {STRATEGY_SETTINGS.get(STATEFUL_STRATEGY, '')} "
+        f"num-server-rounds=4 min-train-nodes={NUM_NODES - 1} round-timeout=60 output-dir='{out}'",
+    )
+    # Between rounds, not while the node uploads a reply: a reply cut off mid-upload stalls the
+    # ServerApp for Flower's 180 s object-push session, whatever the round timeout.
+    wait_for(lambda: rounds_written(out), 240, "round 1", poll=0.2)
+    federation.stop_node(victim, crash=True)
+    # Nothing writes the file once the node is dead: this is the state it died with.
+    state_file = federation.state_dir(victim) / f"run-{run_id}.npz"
+    died_in_round, arrays = read_state_file(state_file)
+    died_with = state_digest(arrays)
+    log_before_restart = len(federation.log_path(f"node-{victim}").read_text())
+    # start_node first waits until the SuperLink counts the node offline (up to 60 s).
+    federation.start_node(victim, timeout=120)
+    status = wait_finished(federation, run_id, out, timeout=360)
+    return {
+        "status": status,
+        "logs": run_logs(federation, run_id),
+        "rounds": rounds_written(out),
+        "run_id": run_id,
+        "state_file": state_file,
+        "died_in_round": died_in_round,
+        "died_with": died_with,
+        "victim_log": federation.log_path(f"node-{victim}").read_text()[log_before_restart:],
+    }
+
+
+def test_run_completes_when_a_node_dies_mid_run(crash_drill):
+    assert crash_drill["status"] == "finished:completed", crash_drill["logs"]
+    rounds = crash_drill["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    without_victim = [r for r in rounds if r["replies"] == NUM_NODES - 1]
+    assert without_victim and not any(r["skipped"] for r in rounds), rounds
+
+
+def test_restarted_node_rejoins_with_the_state_it_died_with(crash_drill):
+    restores = re.findall(
+        r"Restored client state of run (\d+) from (\S+) \(round (\d+), sha256 ([0-9a-f]{64})\)",
+        crash_drill["victim_log"],
+    )
+    assert restores, crash_drill["victim_log"][-3000:]
+    run_id, path, saved_round, digest = restores[0]
+    assert int(run_id) == crash_drill["run_id"] and Path(path) == crash_drill["state_file"]
+    assert int(saved_round) == crash_drill["died_in_round"]
+    assert digest == crash_drill["died_with"]
+    # It took part again: after a round without it, a round heard from every node.
+    replies = [r["replies"] for r in crash_drill["rounds"]]
+    first_gap = replies.index(NUM_NODES - 1)
+    assert NUM_NODES in replies[first_gap + 1:], crash_drill["rounds"]
+
+
+def test_supernode_with_unregistered_key_is_refused(federation):
+    intruder = federation.add_node(NUM_NODES, NUM_NODES, register=False)
+    member = f"node-{intruder.index}"
+    federation.start_node(intruder.index, wait=False)
+    log = federation.log_path(member)
+    wait_for(lambda: "Failed to activate SuperNode" in log.read_text(), 90,
+             "the SuperLink to refuse the unregistered node")
+    assert "No SuperNode found with the given public key" in federation.log_path("superlink").read_text()
+    assert federation.node_id(intruder.index) is None
+    assert len(federation.online_node_ids()) == NUM_NODES
+    if not federation.spec.grpc_fleet:
+        # 1.37+ exits (Flower's code 305). 1.36 logs the same refusal, but the thread serving
+        # its local Runtime API keeps the process alive until it is stopped.
+        assert federation.wait_exit(member, timeout=30) != 0
+        assert "Exit Code: 305" in log.read_text()
