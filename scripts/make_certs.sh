@@ -31,13 +31,14 @@ for name in "$@"; do
 done
 
 umask 077  # private keys readable by their owner only
-openssl genrsa -out ca.key 4096 2>/dev/null
-openssl req -x509 -new -key ca.key -sha256 -days 365 -subj "/CN=bayesfl federation CA" -out ca.crt
-openssl genrsa -out server.key 4096 2>/dev/null
+# ECDSA P-384 keys: as strong as RSA 7680 and generated in milliseconds.
+openssl ecparam -name secp384r1 -genkey -noout -out ca.key
+openssl req -x509 -new -key ca.key -sha384 -days 365 -subj "/CN=bayesfl federation CA" -out ca.crt
+openssl ecparam -name secp384r1 -genkey -noout -out server.key
 openssl req -new -key server.key -subj "/CN=bayesfl superlink" -out server.csr
 printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=%s\n' \
   "$sans" > server.ext
-openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 -sha256 \
+openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 -sha384 \
   -extfile server.ext -out server.pem 2>/dev/null
 rm -f server.csr server.ext ca.srl
 chmod 644 ca.crt server.pem
