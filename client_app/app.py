@@ -29,17 +29,23 @@ app = ClientApp()
 def _round(msg: Message, context: Context) -> tuple[ClientRound, ArrayData]:
     cfg = parse_run_config(context.run_config)
     train, val, spec = node_data(cfg, tuple(sorted(context.node_config.items())))
-    server_round = int(msg.content.config_records[records.CONFIG][records.SERVER_ROUND])
+    config = msg.content.config_records[records.CONFIG]
+    server_round = int(config[records.SERVER_ROUND])
     round_ = ClientRound(
         cfg=cfg,
         content=msg.content,
-        state=ClientState(context),
+        state=ClientState(context, _state_key(msg)),
         train=train,
         spec=spec,
         device=device_for(cfg),
         seed=node_seed(cfg, context.node_config, context.node_id, server_round),
     )
     return round_, val
+
+
+def _state_key(msg: Message) -> str | None:
+    config = msg.content.config_records.get(records.CONFIG)
+    return None if config is None else config.get(records.STATE_KEY)
 
 
 @app.train()
@@ -61,5 +67,5 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query(records.FINISH_ACTION)
 def finish(msg: Message, context: Context) -> Message:
     """The run is over: drop this node's saved state for it."""
-    ClientState(context).clear()
+    ClientState(context, _state_key(msg)).clear()
     return Message(RecordDict(), reply_to=msg)

@@ -1,7 +1,8 @@
 """Client state that must outlive a round (and, in deployment, a SuperNode restart).
 
 Flower keeps `context.state` only in the SuperNode's memory. When the node config names a
-`state-dir`, every save is also written to `<state-dir>/run-<run_id>.npz` atomically, and a node
+`state-dir`, every save is also written to `<state-dir>/run-<key>.npz` atomically (the key is
+the server's state key, which a resumed run keeps), and a node
 whose memory is empty (it restarted) reloads from there, and logs one line naming the file,
 the round it was saved in and a SHA-256 digest of the arrays (`state_digest`), so an operator
 or a test can tell exactly what was restored. The server's end-of-run message removes the file.
@@ -44,10 +45,13 @@ def read_state_file(path: Path) -> tuple[int, dict[str, np.ndarray]]:
 class ClientState:
     """Named flat arrays plus the round they were saved in, for one node and one run."""
 
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, key: str | None = None) -> None:
+        """`key` names the run's state on disk (the server's state key, which survives a resume
+        of the run under a new Flower run id); the Flower run id when there is none."""
         self.context = context
         state_dir = context.node_config.get(STATE_DIR_KEY)
-        self.path = Path(str(state_dir)) / f"run-{context.run_id}.npz" if state_dir else None
+        name = f"run-{key or context.run_id}.npz"
+        self.path = Path(str(state_dir)) / name if state_dir else None
 
     def load(self) -> dict[str, np.ndarray]:
         """The newest saved arrays: memory, or the disk copy when memory is empty or older."""

@@ -5,4 +5,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 bash scripts/setup_flwr136.sh
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+source .venv/bin/activate
+# The tests train tiny models: one thread each avoids oversubscribing a 2-core CI machine.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec python -m pytest -q -p no:cacheprovider "$@"

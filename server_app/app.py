@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+import uuid
 from logging import ERROR, INFO
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from server_app.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
 from server_app.evaluation import evaluate_bma, evaluate_mean
 from server_app.outputs import MODEL, POSTERIOR, RunOutputs, save_posterior
 from strategies import STRATEGIES, records
@@ -16,7 +19,7 @@ from strategies.base import FederatedStrategy
 from task.config import ConfigError, RunConfig, parse_run_config
 from task.data import data_spec, server_test_set
 from task.models import build_model, resolve_device
-from task.params import model_to_record, record_to_numpy
+from task.params import model_to_record, numpy_to_record, record_to_numpy
 
 app = ServerApp()
 
@@ -41,19 +44,31 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
     model = build_model(cfg, spec)
     arrays = model_to_record(model)
     strategy: FederatedStrategy = STRATEGIES[cfg.strategy](cfg, arrays)
+    state_key, first_round = uuid.uuid4().hex, 1
+    resumed = load_checkpoint(Path(cfg.resume_from)) if cfg.resume_from else None
+    if resumed is not None:
+        check_compatible(resumed, cfg)
+        arrays = numpy_to_record(resumed.global_arrays)
+        strategy.load_state_dict(resumed.strategy_arrays, resumed.strategy_meta)
+        state_key, first_round = resumed.state_key, resumed.round + 1
     outputs = RunOutputs(cfg)
+    if resumed is not None:
+        outputs.continue_from(Path(cfg.resume_from), resumed.round)
+        log(INFO, "Resuming from round %d of %s", resumed.round, cfg.resume_from)
     log(INFO, "Run %s: %s on %s, results in %s", cfg.strategy, cfg.model, cfg.dataset, outputs.dir)
+    # Sent with every message: clients file their lasting state under this key.
+    config = ConfigRecord({records.STATE_KEY: state_key})
 
-    for server_round in range(1, cfg.num_server_rounds + 1):
+    for server_round in range(first_round, cfg.num_server_rounds + 1):
         started = time.perf_counter()
-        train_msgs = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        train_msgs = list(strategy.configure_train(server_round, arrays, config, grid))
         replies = list(grid.send_and_receive(train_msgs, timeout=cfg.round_timeout))
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
         report = strategy.last_round
 
-        eval_msgs = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        eval_msgs = list(strategy.configure_evaluate(server_round, arrays, config, grid))
         eval_replies = list(grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout))
         client_eval = strategy.aggregate_evaluate(server_round, eval_replies)
 
@@ -68,6 +83,7 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
             "rejected": report.rejected,
             "failed": report.failed + len(train_msgs) - len(replies),
             "skipped": report.skipped,
+            "problems": report.reasons,
             "bytes_down": sum(payload_bytes(m.content) for m in train_msgs),
             "bytes_up": sum(payload_bytes(m.content) for m in replies if not m.has_error()),
             "eval_bytes_down": sum(payload_bytes(m.content) for m in eval_msgs),
@@ -75,9 +91,13 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
         entry |= _prefixed("train", train_metrics) | _prefixed("client", client_eval)
         entry["seconds"] = time.perf_counter() - started
         outputs.add_round(entry)
+        save_checkpoint(
+            outputs.dir,
+            Checkpoint(server_round, state_key, cfg.to_dict(), record_to_numpy(arrays), *strategy.state_dict()),
+        )
         log(INFO, "%s", progress_line(entry, cfg.num_server_rounds))
 
-    _announce_finish(grid, cfg)
+    _announce_finish(grid, cfg, state_key)
     outputs.save_arrays(MODEL, record_to_numpy(arrays))
     if (posterior := strategy.posterior()) is not None:
         save_posterior(outputs.dir / POSTERIOR, *posterior)
@@ -86,10 +106,11 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
     return outputs
 
 
-def _announce_finish(grid: Grid, cfg: RunConfig) -> None:
+def _announce_finish(grid: Grid, cfg: RunConfig, state_key: str) -> None:
     """Tell every connected node that the run is over, so it can delete its saved state."""
+    content = RecordDict({records.CONFIG: ConfigRecord({records.STATE_KEY: state_key})})
     messages = [
-        Message(RecordDict(), dst_node_id=node, message_type=f"{MessageType.QUERY}.{records.FINISH_ACTION}")
+        Message(content, dst_node_id=node, message_type=f"{MessageType.QUERY}.{records.FINISH_ACTION}")
         for node in grid.get_node_ids()
     ]
     grid.send_and_receive(messages, timeout=min(cfg.round_timeout, 60.0))

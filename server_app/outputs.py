@@ -17,7 +17,10 @@ RESULTS, PLOT, MODEL, POSTERIOR = "results.json", "metrics.png", "model.npz", "p
 
 
 def resolve_output_dir(cfg: RunConfig) -> Path:
-    if cfg.output_dir:
+    if cfg.resume_from and not cfg.output_dir:  # a resumed run continues in its own folder
+        path = Path(cfg.resume_from)
+        path = path.parent if path.is_file() else path
+    elif cfg.output_dir:
         path = Path(cfg.output_dir).expanduser()
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
@@ -31,6 +34,14 @@ class RunOutputs:
     def __init__(self, cfg: RunConfig) -> None:
         self.dir = resolve_output_dir(cfg)
         self.results: dict[str, Any] = {"config": cfg.to_dict(), "rounds": []}
+
+    def continue_from(self, folder: Path, last_round: int) -> None:
+        """Carry over the rounds up to the checkpoint from the run being resumed."""
+        folder = folder.parent if folder.is_file() else folder
+        previous = folder / RESULTS
+        rounds = json.loads(previous.read_text())["rounds"] if previous.exists() else []
+        self.results["rounds"] = [r for r in rounds if r["round"] <= last_round]
+        self.results["resumed_at_round"] = self.results.get("resumed_at_round", []) + [last_round]
 
     def add_round(self, entry: dict[str, Any]) -> None:
         self.results["rounds"].append(entry)

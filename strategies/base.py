@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -44,6 +45,7 @@ class FederatedStrategy(Strategy):
     def __init__(self, cfg: RunConfig, initial_arrays: ArrayRecord) -> None:
         self.cfg = cfg
         self.shapes = {k: tuple(initial_arrays[k].shape) for k in initial_arrays.keys()}
+        self.dtypes = {k: np.dtype(initial_arrays[k].dtype) for k in initial_arrays.keys()}
         self.rng = random.Random(cfg.seed)
         self.last_round = RoundLog()
 
@@ -94,14 +96,19 @@ class FederatedStrategy(Strategy):
     ) -> list[Message]:
         """The replies fit to aggregate; the others are logged and counted in `last_round`.
 
-        `expected_arrays` maps each ArrayRecord name to the shapes its arrays must have;
-        the records named in `positive` (precisions) must be strictly positive.
+        `expected_arrays` maps each ArrayRecord name to the shapes its arrays must have; every
+        array must also have the model's dtype for its key, and the records named in `positive`
+        (precisions) must be strictly positive.
         """
         positive = set(positive)
         log_ = RoundLog()
         valid = []
+        seen: set[int] = set()
         for reply in replies:
-            reason = self._problem(reply, expected_arrays, positive)
+            reason = self._problem(reply, expected_arrays, positive, self.dtypes)
+            if reply.metadata.src_node_id in seen:  # a duplicate would count one client twice
+                reason = "a second reply from this node in the same round"
+            seen.add(reply.metadata.src_node_id)
             if reason is None:
                 valid.append(reply)
                 continue
@@ -117,7 +124,10 @@ class FederatedStrategy(Strategy):
 
     @staticmethod
     def _problem(
-        reply: Message, expected: Mapping[str, Mapping[str, tuple]], positive: set[str]
+        reply: Message,
+        expected: Mapping[str, Mapping[str, tuple]],
+        positive: set[str],
+        dtypes: Mapping[str, np.dtype],
     ) -> str | None:
         if reply.has_error():
             return f"client error: {reply.error.reason}"
@@ -134,6 +144,8 @@ class FederatedStrategy(Strategy):
                     return f"'{name}/{key}' has shape {array.shape}, expected {shape}"
                 if not np.issubdtype(array.dtype, np.floating):
                     return f"'{name}/{key}' has dtype {array.dtype}, expected a float type"
+                if key in dtypes and array.dtype != dtypes[key]:
+                    return f"'{name}/{key}' has dtype {array.dtype}, the model's is {dtypes[key]}"
                 if not np.isfinite(array).all():
                     return f"'{name}/{key}' has non-finite values"
                 if name in positive and not (array > 0).all():
@@ -174,6 +186,17 @@ class FederatedStrategy(Strategy):
             if not r.has_error() and records.METRICS in r.content.metric_records
         ]
         return weighted_metrics(metrics)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """What a checkpoint needs to continue the run: arrays, and JSON-able metadata."""
+        version, internal, gauss = self.rng.getstate()
+        return {}, {"rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        version, internal, gauss = meta["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
 
     def posterior(self) -> tuple[ArrayRecord, ArrayRecord] | None:
         """The global Gaussian (mean, precision) for strategies that keep one, else None."""

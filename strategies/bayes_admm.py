@@ -94,12 +94,17 @@ def server_update(
 
     `client_means`/`client_precisions` are the replies of A (see the module docstring for why the
     dual sums run over all K = `num_clients` clients). The prior is N(0, 1/delta), delta =
-    `prior_precision` (a scalar or a vector). Where S_g is not finite and strictly positive, that
-    coordinate falls back to the precision-weighted average of A, so the global is always a valid
-    Gaussian; `fallback_coords` counts them.
+    `prior_precision` (a scalar or a vector). Where S_g is not finite and strictly positive, or
+    m_g is not finite, that coordinate falls back to the precision-weighted average of A, so the
+    global is always a valid Gaussian; `fallback_coords` counts them.
     """
     if not client_means or len(client_means) != len(client_precisions):
         raise ValueError("need one precision per client mean, from at least one client")
+    vectors = [*client_means, *client_precisions, dual_mean_sum, dual_precision_sum]
+    if getattr(prior_precision, "ndim", 0) > 0:
+        vectors.append(prior_precision)
+    if len({tuple(vector.shape) for vector in vectors}) > 1:
+        raise ValueError("client means, precisions, dual sums and prior differ in length")
     if len(client_means) > num_clients:
         raise ValueError(f"{len(client_means)} replies from a federation of {num_clients} clients")
     alpha = 1.0 / (1.0 + num_clients * rho)
@@ -113,7 +118,8 @@ def server_update(
     natural_mean = (1.0 - alpha) * average_natural_mean - alpha * dual_mean_sum
 
     xp = _array_module(precision)
-    fallback = ~(xp.isfinite(precision) & (precision > 0))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # non-finite: fallback
+        fallback = ~(xp.isfinite(precision) & (precision > 0) & xp.isfinite(natural_mean / precision))
     precision = xp.where(fallback, average_precision, precision)
     natural_mean = xp.where(fallback, average_natural_mean, natural_mean)
     return ServerUpdate(natural_mean / precision, precision, int(fallback.sum()))
@@ -146,6 +152,28 @@ class BayesADMM(FederatedStrategy):
         self.accepted_round: dict[int, int] = {}
         self.num_clients = 0
         self.fallback_coords = 0
+
+    def state_dict(self):
+        arrays, meta = super().state_dict()
+        nodes = sorted(self.accepted_round)
+        arrays |= {
+            "mean": self.mean,
+            "precision": self.precision,
+            "dual-mean": self.duals.mean,
+            "dual-precision": self.duals.precision,
+            "accepted-nodes": np.array(nodes, dtype=np.uint64),
+            "accepted-rounds": np.array([self.accepted_round[n] for n in nodes], dtype=np.int64),
+        }
+        return arrays, meta | {"at_prior": self.at_prior, "num_clients": self.num_clients}
+
+    def load_state_dict(self, arrays, meta) -> None:
+        super().load_state_dict(arrays, meta)
+        self.mean, self.precision = arrays["mean"], arrays["precision"]
+        self.duals = DualSums(mean=arrays["dual-mean"], precision=arrays["dual-precision"])
+        self.accepted_round = {
+            int(n): int(r) for n, r in zip(arrays["accepted-nodes"], arrays["accepted-rounds"])
+        }
+        self.at_prior, self.num_clients = meta["at_prior"], meta["num_clients"]
 
     def global_records(self) -> tuple[ArrayRecord, ArrayRecord]:
         # While at the prior the clients start from the shared initial weights, not from 0.
@@ -198,7 +226,14 @@ class BayesADMM(FederatedStrategy):
             means, precisions, duals.mean, duals.precision, self.cfg.rho,
             self.prior_precision, max(self.num_clients, len(valid)),
         )
-        self.mean, self.precision, self.duals = update.mean, update.precision, duals
+        # Keep exactly what goes on the wire (the model's dtype), so that the server and the
+        # clients compute the same dual increments from the global they share.
+        with np.errstate(over="ignore"):
+            mean = flatten(unflatten(update.mean, self.like)).astype(np.float64)
+            precision = flatten(unflatten(update.precision, self.like)).astype(np.float64)
+        if not (np.isfinite(mean).all() and np.isfinite(precision).all() and (precision > 0).all()):
+            return self.skip_round("the new global does not fit the model's dtype")
+        self.mean, self.precision, self.duals = mean, precision, duals
         self.at_prior = False
         self.fallback_coords = update.fallback_coords
         for reply in valid:

@@ -48,6 +48,8 @@ def weighted_mean(
     total_weight = sum(weight for _, weight in contributing)
     mean = []
     for index in range(num_tensors):
+        if len({np.shape(delta[index]) for delta, _ in contributing}) > 1:
+            raise ValueError(f"clients sent array {index} in different shapes")
         total = np.zeros(contributing[0][0][index].shape, dtype=np.float64)
         for delta, weight in contributing:
             total += weight * np.asarray(delta[index], dtype=np.float64)
@@ -74,6 +76,10 @@ def server_sgd_step(
     new_params = []
     new_buffer = []
     for index, param in enumerate(params):
+        if np.shape(mean_delta[index]) != param.shape or (
+            momentum_buffer is not None and np.shape(momentum_buffer[index]) != param.shape
+        ):
+            raise ValueError(f"tensor {index}: mean_delta or momentum_buffer shape != {param.shape}")
         gradient = -np.asarray(mean_delta[index], dtype=param.dtype)
         if momentum_buffer is None:
             buffer = gradient
@@ -100,17 +106,21 @@ def aggregate_round(
 ) -> RoundOutcome:
     """Average the client deltas by example weight and take one server step.
 
-    When the weights sum to 0 or the mean holds any NaN or Inf, the round is skipped: the
-    returned params and buffer are the ones passed in, and `skipped` is True.
+    When the weights sum to 0, or the mean or the stepped params or buffer hold any NaN or Inf
+    (overflow included), the round is skipped: the returned params and buffer are the ones
+    passed in, and `skipped` is True.
     """
+    unchanged = RoundOutcome(
+        params=list(params),
+        momentum_buffer=None if momentum_buffer is None else list(momentum_buffer),
+        skipped=True,
+    )
     mean_delta = weighted_mean(deltas, weights)
     if mean_delta is None or not all(np.isfinite(array).all() for array in mean_delta):
-        return RoundOutcome(
-            params=list(params),
-            momentum_buffer=None if momentum_buffer is None else list(momentum_buffer),
-            skipped=True,
-        )
+        return unchanged
     new_params, new_buffer = server_sgd_step(params, mean_delta, momentum_buffer, lr, momentum)
+    if not all(np.isfinite(array).all() for array in (*new_params, *new_buffer)):
+        return unchanged
     return RoundOutcome(params=new_params, momentum_buffer=new_buffer, skipped=False)
 
 
@@ -122,6 +132,20 @@ class FedAvg(FederatedStrategy):
         self.keys = list(initial_arrays.keys())
         self.params: Arrays = [initial_arrays[k].numpy() for k in self.keys]
         self.momentum_buffer: Arrays | None = None
+
+    def state_dict(self):
+        arrays, meta = super().state_dict()
+        arrays |= {f"params/{i}": p for i, p in enumerate(self.params)}
+        for i, b in enumerate(self.momentum_buffer or []):
+            arrays[f"momentum/{i}"] = b
+        return arrays, meta
+
+    def load_state_dict(self, arrays, meta) -> None:
+        super().load_state_dict(arrays, meta)
+        self.params = [arrays[f"params/{i}"] for i in range(len(self.keys))]
+        self.momentum_buffer = (
+            [arrays[f"momentum/{i}"] for i in range(len(self.keys))] if "momentum/0" in arrays else None
+        )
 
     def client_delta(self, arrays: ArrayRecord) -> Arrays:
         """A FedAvg client sends its weights; its delta is their displacement."""

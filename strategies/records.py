@@ -9,3 +9,4 @@ FINISH_ACTION = "finish"  # query action sent to every node when the run ends
 PRECISION = "precision"  # BayesADMM: a diagonal Gaussian's precision, same keys as ARRAYS
 AT_PRIOR = "at-prior"  # BayesADMM: the server global is still the prior (no update applied yet)
 ACCEPTED_ROUND = "accepted-round"  # BayesADMM: last round whose reply from this node was used
+STATE_KEY = "state-key"  # names the clients' lasting state; kept when a run is resumed

@@ -94,6 +94,8 @@ class RunConfig(BaseModel):
     seed: Count = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output_dir: str = ""
+    # A run folder (or checkpoint.npz) to continue from its last completed round.
+    resume_from: str = ""
 
     @field_validator("mlp_hidden")
     @classmethod

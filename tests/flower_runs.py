@@ -7,11 +7,14 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 APP_DIR = Path(__file__).resolve().parents[1]
+# The `flwr` CLI and the Flower executables it starts live beside this interpreter.
+BIN_DIR = Path(sys.executable).parent
 
 
 def free_port() -> int:
@@ -34,6 +37,7 @@ class LocalFederation:
         self.home = home
         self.env = {
             **os.environ,
+            "PATH": f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}",
             "FLWR_HOME": str(home),
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
             "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),

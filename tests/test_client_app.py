@@ -103,3 +103,13 @@ def test_finish_query_removes_the_node_state(tmp_path):
     msg = Message(RecordDict(), dst_node_id=42, message_type=f"{MessageType.QUERY}.{records.FINISH_ACTION}")
     finish(msg, ctx)
     assert ClientState(ctx).load() == {} and list(tmp_path.iterdir()) == []
+
+
+def test_fedavg_client_with_ivon_sends_the_ivon_mean(global_arrays):
+    ctx = _context({"partition-id": 0, "num-partitions": 4}, model="logreg", optimizer="ivon",
+                   **{"local-epochs": 1})
+    out = train(_instruction(MessageType.TRAIN, global_arrays), ctx)
+    got = record_to_numpy(out.content.array_records[records.ARRAYS])
+    sent = record_to_numpy(global_arrays)
+    assert all(np.isfinite(got[k]).all() for k in got)
+    assert any(not np.allclose(got[k], sent[k]) for k in got)

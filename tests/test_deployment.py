@@ -11,7 +11,9 @@ runs share the federation at the same time.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import ssl
 import sys
@@ -22,6 +24,7 @@ import pytest
 
 from client_app.state import read_state_file, state_digest
 from scripts.launch_federation import Federation
+from server_app.checkpoint import load_checkpoint
 from strategies import STRATEGIES
 
 pytestmark = pytest.mark.deployment
@@ -174,8 +177,9 @@ def crash_drill(federation, tmp_path_factory):
     # ServerApp for Flower's 180 s object-push session, whatever the round timeout.
     wait_for(lambda: rounds_written(out), 240, "round 1", poll=0.2)
     federation.stop_node(victim, crash=True)
-    # Nothing writes the file once the node is dead: this is the state it died with.
-    state_file = federation.state_dir(victim) / f"run-{run_id}.npz"
+    # Nothing writes the file once the node is dead: this is the state it died with. Clients
+    # file it under the run's state key, which the checkpoint carries.
+    state_file = federation.state_dir(victim) / f"run-{load_checkpoint(out).state_key}.npz"
     died_in_round, arrays = read_state_file(state_file)
     died_with = state_digest(arrays)
     log_before_restart = len(federation.log_path(f"node-{victim}").read_text())
@@ -216,6 +220,54 @@ def test_restarted_node_rejoins_with_the_state_it_died_with(crash_drill):
     replies = [r["replies"] for r in crash_drill["rounds"]]
     first_gap = replies.index(NUM_NODES - 1)
     assert NUM_NODES in replies[first_gap + 1:], crash_drill["rounds"]
+
+
+@pytest.fixture(scope="module")
+def server_crash_drill(federation, tmp_path_factory):
+    """A stateful run whose ServerApp is killed (SIGKILL) after round 2, then resumed with
+    `resume-from` as a new run on the same SuperLink and nodes."""
+    out = tmp_path_factory.mktemp("server-crash") / "out"
+    settings = (
+        f"strategy='{STATEFUL_STRATEGY}' {SHORT_RUN} {STRATEGY_SETTINGS.get(STATEFUL_STRATEGY, '')} "
+        f"num-server-rounds=4 min-train-nodes={NUM_NODES} round-timeout=300 output-dir='{out}'"
+    )
+    first_run = submit(federation, settings)
+    wait_for(lambda: len(rounds_written(out)) >= 2, 300, "round 2", poll=0.2)
+    serverapps = [
+        pid for pid in federation.processes("superlink")
+        if "flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    ]
+    assert serverapps, "no ServerApp process found"
+    for pid in serverapps:
+        os.kill(pid, signal.SIGKILL)
+    checkpoint_round = load_checkpoint(out).round
+    node_logs_before = [len(federation.log_path(f"node-{i}").read_text()) for i in range(NUM_NODES)]
+    resumed_run = submit(federation, f"{settings} resume-from='{out}'")
+    status = wait_finished(federation, resumed_run, out, timeout=420)
+    return {
+        "first_run": first_run,
+        "status": status,
+        "logs": run_logs(federation, resumed_run),
+        "results": json.loads((out / "results.json").read_text()),
+        "checkpoint_round": checkpoint_round,
+        "node_logs": [
+            federation.log_path(f"node-{i}").read_text()[start:]
+            for i, start in enumerate(node_logs_before)
+        ],
+    }
+
+
+def test_killed_serverapp_resumes_from_its_checkpoint(server_crash_drill):
+    drill = server_crash_drill
+    assert drill["status"] == "finished:completed", drill["logs"]
+    assert drill["checkpoint_round"] >= 2
+    assert f"Resuming from round {drill['checkpoint_round']}" in drill["logs"]
+    rounds = drill["results"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert drill["results"]["resumed_at_round"] == [drill["checkpoint_round"]]
+    assert all(r["replies"] == NUM_NODES and not r["skipped"] for r in rounds), rounds
+    # The resumed run is a new Flower run: every node found its duals again on disk.
+    assert all("Restored client state of run" in log for log in drill["node_logs"]), drill["node_logs"]
 
 
 def test_supernode_with_unregistered_key_is_refused(federation):

@@ -102,6 +102,7 @@ def test_bad_reply_is_rejected_and_the_round_goes_on(fake_grid, bad):
     np.testing.assert_allclose(arrays["w"].numpy(), [2.0, 2.0])
     assert strategy.last_round.accepted == 2 and strategy.last_round.rejected == 1
     assert not strategy.last_round.skipped
+    assert len(strategy.last_round.reasons) == 1 and "node" in strategy.last_round.reasons[0]
 
 
 def test_too_few_valid_replies_skip_the_round(fake_grid):
@@ -124,6 +125,16 @@ def test_fraction_train_samples_a_seeded_subset(fake_grid):
         picks.append(sorted(m.metadata.dst_node_id for m in msgs))
     assert len(picks[0]) == 5 and picks[0] == picks[1]
     assert set(picks[0]) <= set(nodes)
+
+
+def test_a_second_reply_from_the_same_node_is_rejected(fake_grid):
+    strategy = _strategy()
+    msgs = list(strategy.configure_train(1, _record(np.zeros(2)), ConfigRecord(), fake_grid([1, 2])))
+    first, again = _train_reply(msgs[0], [1.0, 1.0], 10), _train_reply(msgs[0], [9.0, 9.0], 10)
+    arrays, _ = strategy.aggregate_train(1, [first, _train_reply(msgs[1], [3.0, 3.0], 10), again])
+    np.testing.assert_allclose(arrays["w"].numpy(), [2.0, 2.0])
+    assert strategy.last_round.rejected == 1
+    assert "second reply" in strategy.last_round.reasons[0]
 
 
 def test_round_messages_expire_when_the_round_stops_waiting(fake_grid):

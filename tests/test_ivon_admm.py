@@ -215,3 +215,124 @@ def test_accessors_reject_invalid_precisions_and_wrong_lengths():
         optimizer.set_posterior(torch.zeros(num_params), -torch.ones(num_params))
     with pytest.raises(ValueError):
         optimizer.set_duals(torch.zeros(num_params - 1), torch.zeros(num_params - 1), 10, 1.0)
+
+
+# ---------------------------------------------------------------------------- the in-place hot path
+# IVONADMM keeps the weights in one flat buffer and updates in place (task/ivon_admm.py); these pin
+# it to the plain implementation it replaced, and to stock IVON where stock has the same feature.
+
+
+def _admm_terms(num_params: int, seed: int = 5):
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "prior_mean": 0.1 * torch.randn(num_params, generator=generator),
+        "prior_precision": 1.0 + torch.rand(num_params, generator=generator),
+        "dual_mean": torch.randn(num_params, generator=generator),
+        "dual_precision": torch.rand(num_params, generator=generator) - 0.3,
+    }
+
+
+@pytest.mark.parametrize("mc_samples", [1, 2])
+def test_matches_the_unfused_implementation_bit_for_bit_with_prior_and_duals(mc_samples):
+    from benchmarks.system import UnfusedIVONADMM  # IVONADMM before the in-place rewrite
+
+    settings = dict(lr=0.1, ess=50.0, hess_init=0.3, beta2=0.99, mc_samples=mc_samples)
+    reference_model = _mlp()
+    model = copy.deepcopy(reference_model)
+    reference = UnfusedIVONADMM(_param_groups(reference_model), **settings)
+    optimizer = IVONADMM(_param_groups(model), **settings)
+    terms = _admm_terms(sum(p.numel() for p in model.parameters()))
+    for opt in (reference, optimizer):
+        opt.set_prior(terms["prior_mean"], terms["prior_precision"])
+        opt.set_duals(terms["dual_mean"], terms["dual_precision"], num_examples=32, temperature=0.5)
+
+    _train(reference_model, reference, steps=20)
+    _train(model, optimizer, steps=20)
+
+    for reference_param, param in zip(reference_model.parameters(), model.parameters()):
+        assert torch.equal(reference_param, param)
+    for reference_group, group in zip(reference.param_groups, optimizer.param_groups):
+        assert torch.equal(reference_group["hess"], group["hess"])
+        assert torch.equal(reference_group["momentum"], group["momentum"])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(hess_approx="gradsq", mc_samples=2), dict(clip_radius=0.05), dict(rescale_lr=True)],
+    ids=["gradsq", "clip", "rescale-lr"],
+)
+def test_reproduces_stock_ivon_bit_for_bit_with_other_stock_options(settings):
+    ess, prior_precision = 50.0, 3.0
+    common = {"lr": 0.1, "ess": ess, "hess_init": 0.3, "beta2": 0.99, "rescale_lr": False, **settings}
+    stock_model = _mlp()
+    admm_model = copy.deepcopy(stock_model)
+    stock = ivon.IVON(_param_groups(stock_model), weight_decay=prior_precision / ess, **common)
+    admm = IVONADMM(_param_groups(admm_model), weight_decay=prior_precision / ess, **common)
+
+    _train(stock_model, stock, steps=20)
+    _train(admm_model, admm, steps=20)
+
+    for stock_param, admm_param in zip(stock_model.parameters(), admm_model.parameters()):
+        assert torch.equal(stock_param, admm_param)
+    for stock_group, admm_group in zip(stock.param_groups, admm.param_groups):
+        assert torch.equal(stock_group["hess"], admm_group["hess"])
+        assert torch.equal(stock_group["momentum"], admm_group["momentum"])
+
+
+def test_state_assigned_from_outside_is_copied_in_and_never_written():
+    # The BayesADMM client restores momentum and step from its saved state between rounds.
+    stock_model = _mlp()
+    admm_model = copy.deepcopy(stock_model)
+    stock = ivon.IVON(_param_groups(stock_model), lr=0.1, ess=50.0, weight_decay=0.06, rescale_lr=False)
+    admm = IVONADMM(_param_groups(admm_model), lr=0.1, ess=50.0, weight_decay=0.06)
+    _train(stock_model, stock, steps=3)
+    _train(admm_model, admm, steps=3)
+
+    saved = admm.param_groups[0]["momentum"].numpy().copy()
+    restored = torch.as_tensor(saved)  # shares memory with `saved`
+    for opt in (stock, admm):
+        opt.param_groups[0]["momentum"] = restored.clone() if opt is stock else restored
+        opt.param_groups[1]["hess"] = torch.full_like(opt.param_groups[1]["hess"], 0.7)
+    _train(stock_model, stock, steps=3)
+    _train(admm_model, admm, steps=3)
+
+    assert np.array_equal(saved, restored.numpy()) and admm.param_groups[0]["momentum"] is not restored
+    for stock_param, admm_param in zip(stock_model.parameters(), admm_model.parameters()):
+        assert torch.equal(stock_param, admm_param)
+    for stock_group, admm_group in zip(stock.param_groups, admm.param_groups):
+        assert torch.equal(stock_group["hess"], admm_group["hess"])
+
+
+def test_weights_changed_from_outside_are_taken_in():
+    model = _mlp()
+    optimizer = IVONADMM(_param_groups(model), lr=0.1, ess=50.0)
+    _train(model, optimizer, steps=2)
+    # The parameters are views into the optimizer's flat buffer; both kinds of outside change
+    # (an in-place copy and a new tensor) are seen by the next step.
+    new_weight = torch.randn_like(model[0].weight)
+    model[0].weight.data = new_weight.clone()
+    with torch.no_grad():
+        model[2].bias.copy_(torch.ones_like(model[2].bias))
+    mean, _ = optimizer.get_posterior()
+    expected = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.equal(mean, expected)
+    assert torch.equal(model[0].weight, new_weight)
+
+    optimizer.set_posterior(expected, torch.full_like(expected, 2.0))
+    assert torch.equal(optimizer.get_posterior()[0], expected)
+    _train(model, optimizer, steps=1)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(optimizer.get_posterior()[0], expected)
+
+
+def test_an_error_inside_sampled_params_leaves_the_mean_weights():
+    model = _mlp()
+    optimizer = IVONADMM(_param_groups(model), lr=0.1, ess=50.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ZeroDivisionError):
+        with optimizer.sampled_params(train=True):
+            assert not torch.equal(model[0].weight, before[0])  # a sample, not the mean
+            1 / 0
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with pytest.raises(RuntimeError, match="sampled_params"):
+        optimizer.step()  # no gradient was collected

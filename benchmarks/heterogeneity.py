@@ -1,0 +1,351 @@
+"""Accuracy under heterogeneity: FedAvg (SGD), FedAvg with an IVON client, FedPA and BayesADMM
+on offline data sets with strong label skew.
+
+Every method runs with its tuned digits preset (`presets/<method>-digits.toml`, the one source of
+truth for its hyperparameters); a setting replaces only the data keys (data set, partitioner,
+its skew), the number of rounds and the seed. Each run is a real federation in one process
+(`benchmarks.inprocess.simulate`: the ServerApp loop, the strategies and the ClientApp handlers).
+
+Reported as in the BayesADMM paper: at rounds 10, 25 and 50, the mean of rounds r-2..r of the
+server-side test metrics, then mean +- std over seeds. Mean prediction for every method, and
+Bayesian model averaging (BMA) for BayesADMM, the one method with a global posterior.
+
+    python benchmarks/heterogeneity.py                 # the full benchmark (3 seeds, 50 rounds)
+    python benchmarks/heterogeneity.py --quick         # smoke run: 1 seed, 4 rounds, 2 settings
+    python benchmarks/heterogeneity.py --settings digits-patho2 --methods fedavg bayes-admm
+    python benchmarks/heterogeneity.py --from-json benchmarks/results/heterogeneity.json  # re-plot
+
+Writes heterogeneity.md (the tables), heterogeneity.json (the tables' numbers and every run's
+per-round metrics) and heterogeneity-<setting>.png (test accuracy and NLL per round, mean and
+range over seeds) to --out (default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import tomllib
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+PRESETS = ROOT / "presets"
+NUM_NODES = 10
+REPORT_ROUNDS = (10, 25, 50)
+WINDOW = 3  # rounds averaged at each reported round: r-2, r-1, r
+
+# Keys a setting decides; every other key comes from the method's preset.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "digits-dir0.1": {"dataset": "digits", "partitioner": "dirichlet", "dirichlet-alpha": 0.1},
+    "digits-dir0.5": {"dataset": "digits", "partitioner": "dirichlet", "dirichlet-alpha": 0.5},
+    "digits-patho2": {"dataset": "digits", "partitioner": "pathological", "classes-per-client": 2},
+    # FedProx's Synthetic(1, 1) pooled and split over the clients by label with Dirichlet(0.5).
+    "synthetic-1-1": {
+        "dataset": "synthetic", "synthetic-alpha": 1.0, "synthetic-beta": 1.0,
+        "partitioner": "dirichlet", "dirichlet-alpha": 0.5,
+    },
+}
+SETTING_KEYS = {
+    "dataset", "synthetic-alpha", "synthetic-beta", "partitioner", "dirichlet-alpha",
+    "classes-per-client", "num-server-rounds", "seed", "output-dir",
+}
+
+# FedAvg with an IVON client has no preset of its own: the FedAvg preset (server step, local
+# epochs, batch size, network) with the IVON client settings of the BayesADMM preset, so that the
+# two differ in the server step, the duals and the prior, not in the local optimizer. IVON is
+# created afresh every round (ess = N / temperature).
+IVON_KEYS = ("optimizer", "lr", "hess-init", "beta2", "temperature", "prior-precision", "mc-samples")
+
+# name -> (preset file, preset whose IVON_KEYS replace the first one's, or None)
+METHODS: dict[str, tuple[str, str | None]] = {
+    "fedavg": ("fedavg-digits.toml", None),
+    "fedavg-ivon": ("fedavg-digits.toml", "bayes-admm-digits.toml"),
+    "fedpa": ("fedpa-digits.toml", None),
+    "bayes-admm": ("bayes-admm-digits.toml", None),
+}
+
+METRICS = ("accuracy", "nll", "ece")
+QUICK = {"rounds": 4, "seeds": [0], "settings": ["digits-patho2", "synthetic-1-1"], "mc": 4}
+
+
+def method_config(method: str) -> dict[str, Any]:
+    """The method's preset(s) with the setting keys removed."""
+    preset_file, ivon_file = METHODS[method]
+    config = _preset(preset_file)
+    if ivon_file is not None:
+        ivon = _preset(ivon_file)
+        config |= {k: ivon[k] for k in IVON_KEYS if k in ivon}
+    return {k: v for k, v in config.items() if k not in SETTING_KEYS}
+
+
+def _preset(name: str) -> dict[str, Any]:
+    return tomllib.loads((PRESETS / name).read_text())
+
+
+def run_overrides(method: str, setting: str, seed: int, rounds: int, mc: int | None) -> dict:
+    overrides = method_config(method) | SETTINGS[setting]
+    overrides |= {"num-server-rounds": rounds, "seed": seed, "fraction-evaluate": 0.0}
+    if mc is not None:
+        overrides["eval-mc-samples"] = mc
+    if overrides.get("strategy") == "fedpa":
+        # Short runs still reach FedPA's sampling rounds (the preset's burn-in is 10 rounds).
+        overrides["burnin-rounds"] = min(overrides.get("burnin-rounds", 0), rounds // 2)
+    return overrides
+
+
+def _run(job: tuple[str, str, int, dict]) -> dict:
+    """One federation (in a worker process); returns its per-round server metrics."""
+    import torch
+
+    torch.set_num_threads(1)
+    from benchmarks.inprocess import simulate
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    method, setting, seed, overrides = job
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        outputs = simulate({**overrides, "output-dir": folder}, NUM_NODES)
+    keep = [*METRICS, *(f"bma_{m}" for m in METRICS)]
+    rounds = [
+        {"round": r["round"], **{k: float(r[k]) for k in keep if k in r}}
+        for r in outputs.results["rounds"]
+    ]
+    return {
+        "method": method, "setting": setting, "seed": seed, "overrides": overrides,
+        "seconds": time.perf_counter() - started, "rounds": rounds,
+    }
+
+
+def report_rounds(num_rounds: int) -> list[int]:
+    chosen = [r for r in REPORT_ROUNDS if r <= num_rounds]
+    return chosen if chosen and chosen[-1] == num_rounds else [*chosen, num_rounds]
+
+
+def window_mean(rounds: list[dict], key: str, at: int) -> float:
+    values = [r[key] for r in rounds if at - WINDOW < r["round"] <= at and key in r]
+    return sum(values) / len(values) if values else math.nan
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std}
+
+
+def predictions(runs: list[dict]) -> list[str]:
+    """'' for the mean prediction, 'bma_' too when the runs have a posterior."""
+    return ["", "bma_"] if "bma_accuracy" in runs[0]["rounds"][-1] else [""]
+
+
+def summarize(runs: list[dict], at: list[int]) -> dict:
+    """{prediction: {round: {metric: {mean, std}}}} over the seeds in `runs`."""
+    table = {}
+    for prefix in predictions(runs):
+        label = "bma" if prefix else "mean"
+        table[label] = {
+            str(r): {
+                m: mean_std([window_mean(run["rounds"], prefix + m, r) for run in runs])
+                for m in METRICS
+            }
+            for r in at
+        }
+    return table
+
+
+def curve(runs: list[dict], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Rounds, and per round the mean, min and max over the seeds."""
+    rounds = [r["round"] for r in runs[0]["rounds"]]
+    per_round = [[run["rounds"][i].get(key, math.nan) for run in runs] for i in range(len(rounds))]
+    return (
+        rounds,
+        [sum(v) / len(v) for v in per_round],
+        [min(v) for v in per_round],
+        [max(v) for v in per_round],
+    )
+
+
+def markdown_table(setting: str, summary: dict[str, dict], at: list[int], seeds: int) -> str:
+    head = ["method"] + [f"{m} @{r}" for r in at for m in ("acc %", "NLL", "ECE")]
+    lines = [
+        f"### {setting}",
+        "",
+        f"Mean +- std over {seeds} seed(s) of the mean of rounds r-{WINDOW - 1}..r.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for method, table in summary.items():
+        for label, by_round in table.items():
+            name = method if label == "mean" else f"{method} (BMA)"
+            cells = [name]
+            for r in at:
+                for m in METRICS:
+                    s = by_round[str(r)][m]
+                    scale, digits = (100, 1) if m == "accuracy" else (1, 3)
+                    cells.append(f"{s['mean'] * scale:.{digits}f} ± {s['std'] * scale:.{digits}f}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(setting: str, by_method: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("accuracy", "nll")):
+        for i, (method, runs) in enumerate(by_method.items()):
+            color = f"C{i}"
+            for prefix in predictions(runs):
+                x, mean, low, high = curve(runs, prefix + metric)
+                style = "--" if prefix else "-"
+                label = method + (" (BMA)" if prefix else "")
+                ax.plot(x, mean, style, color=color, label=label)
+                ax.fill_between(x, low, high, color=color, alpha=0.12, linewidth=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"test {metric}")
+        ax.grid(alpha=0.3)
+        if metric == "nll":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    seeds = len(next(iter(by_method.values())))
+    fig.suptitle(f"{setting}: {NUM_NODES} clients, mean (band: min to max) over {seeds} seed(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 seed, 4 rounds, 2 settings, 4 BMA samples")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--eval-mc-samples", type=int,
+                        help="BMA samples per evaluation (default: the preset's)")
+    parser.add_argument("--from-json", type=Path,
+                        help="re-render the tables and plots of a saved heterogeneity.json")
+    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
+                        help="federations run at once, one process each")
+    args = parser.parse_args(argv)
+    defaults = QUICK if args.quick else {
+        "rounds": max(REPORT_ROUNDS), "seeds": [0, 1, 2], "settings": list(SETTINGS), "mc": None,
+    }
+    args.settings = args.settings or defaults["settings"]
+    args.seeds = args.seeds if args.seeds is not None else defaults["seeds"]
+    args.rounds = args.rounds or defaults["rounds"]
+    if args.eval_mc_samples is None:
+        args.eval_mc_samples = defaults["mc"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.from_json is not None:  # re-render tables and plots of a finished benchmark
+        saved = json.loads(args.from_json.read_text())
+        runs = [run for entry in saved["settings"].values() for rs in entry["runs"].values()
+                for run in rs]
+        meta = {k: saved[k] for k in ("command", "rounds", "seeds", "machine", "wall_seconds")}
+        settings = list(saved["settings"])
+        methods = list(next(iter(saved["settings"].values()))["runs"])
+        write_report(args.out, meta, runs, settings, methods)
+        return 0
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the worker processes
+    started = time.perf_counter()
+    jobs = [
+        (method, setting, seed,
+         run_overrides(method, setting, seed, args.rounds, args.eval_mc_samples))
+        for setting in args.settings for method in args.methods for seed in args.seeds
+    ]
+    print(f"{len(jobs)} federations ({len(args.settings)} settings x {len(args.methods)} methods "
+          f"x {len(args.seeds)} seeds, {args.rounds} rounds), {args.jobs} at once", flush=True)
+    runs: list[dict] = []
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for run in pool.map(_run, jobs):
+            last = run["rounds"][-1]
+            print(f"  {run['setting']:14s} {run['method']:12s} seed {run['seed']}: "
+                  f"acc {last['accuracy']:.4f} nll {last['nll']:.4f} ({run['seconds']:.0f} s)",
+                  flush=True)
+            runs.append(run)
+    command = "python benchmarks/heterogeneity.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    meta = {
+        "command": command.strip(), "rounds": args.rounds, "seeds": args.seeds,
+        "machine": machine(), "wall_seconds": time.perf_counter() - started,
+    }
+    write_report(args.out, meta, runs, args.settings, args.methods)
+    return 0
+
+
+def write_report(out: Path, meta: dict, runs: list[dict], settings: list[str],
+                 methods: list[str]) -> None:
+    """heterogeneity.md, heterogeneity.json and one plot per setting in `out`."""
+    at = report_rounds(meta["rounds"])
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        **meta, "num_nodes": NUM_NODES, "report_rounds": at, "window": WINDOW, "settings": {},
+    }
+    sections = []
+    for setting in settings:
+        by_method = {
+            m: [r for r in runs if r["setting"] == setting and r["method"] == m] for m in methods
+        }
+        summary = {m: summarize(rs, at) for m, rs in by_method.items()}
+        png = out / f"heterogeneity-{setting}.png"
+        plot(setting, by_method, png)
+        results["settings"][setting] = {
+            "data": SETTINGS[setting],
+            "summary": summary,
+            "plot": png.name,
+            "runs": by_method,
+        }
+        sections.append(markdown_table(setting, summary, at, len(meta["seeds"]))
+                        + f"\n\n![{setting}]({png.name})")
+    header = (f"# Accuracy under heterogeneity\n\n`{meta['command']}`: {NUM_NODES} clients, "
+              f"{meta['rounds']} rounds, seeds {meta['seeds']}; wall time "
+              f"{meta['wall_seconds'] / 60:.1f} min on {meta['machine']}.\n")
+    text = header + "\n" + "\n\n".join(sections) + "\n"
+    (out / "heterogeneity.md").write_text(text)
+    (out / "heterogeneity.json").write_text(json.dumps(_rounded(results), separators=(",", ":")))
+    print("\n" + text)
+    print(f"Wrote {out / 'heterogeneity.md'}, heterogeneity.json and {len(settings)} plot(s)")
+
+
+def _rounded(value: Any) -> Any:
+    """Floats to 6 decimals, to keep the JSON small."""
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

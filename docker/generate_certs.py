@@ -1,0 +1,180 @@
+"""Make a private CA and a TLS certificate for the SuperLink.
+
+Writes, into the output folder:
+  ca.crt      the CA certificate: give it to every SuperNode and to `flwr` users
+  ca.key      the CA's private key (stays here; only needed to sign a new server certificate)
+  server.pem  the SuperLink's certificate, signed by the CA
+  server.key  the SuperLink's private key
+
+The server certificate names `superlink` (the service name inside compose), `localhost`,
+`127.0.0.1` and `::1` (the SuperLink's own SuperExec and a CLI on the same host dial these), and
+every extra name or address given with --san (the SuperLink's public DNS name or IP).
+
+Runs wherever the `cryptography` package is installed, which includes every Flower image:
+`docker-compose -f docker/compose.certs.yml run --rm certs` (see docs/DOCKER.md).
+Existing files are kept unless --force is given, so a rerun never silently replaces a CA the
+SuperNodes already trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+DEFAULT_NAMES = ("superlink", "localhost", "127.0.0.1", "::1")
+FILES = ("ca.crt", "ca.key", "server.pem", "server.key")
+
+
+def san_entry(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def new_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+
+
+def key_pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def make_ca(days: int) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    key = new_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bayesfl federation CA")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def make_server_cert(
+    ca_key: rsa.RSAPrivateKey, ca_cert: x509.Certificate, names: list[str], days: int
+) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    key = new_key()
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([san_entry(n) for n in names]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_encipherment=True, key_cert_sign=False,
+                crl_sign=False, content_commitment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def parse_owner(owner: str) -> tuple[int, int] | None:
+    if not owner:
+        return None
+    uid, _, gid = owner.partition(":")
+    return int(uid), int(gid or uid)
+
+
+def write(path: Path, data: bytes, mode: int, owner: tuple[int, int] | None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, mode)
+    if owner is not None:
+        os.chown(tmp, *owner)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("certs"), help="output folder")
+    parser.add_argument(
+        "--san", action="append", default=[],
+        help="extra DNS name or IP address for the server certificate (repeat it, or give a "
+        "comma-separated list); e.g. the SuperLink's public name",
+    )
+    parser.add_argument(
+        "--owner", default="",
+        help="UID[:GID] to own server.key (the SuperLink's user; 49999 in Flower's images). "
+        "Needs root. Without it the key belongs to whoever runs this.",
+    )
+    parser.add_argument("--days", type=int, default=365, help="validity in days")
+    parser.add_argument(
+        "--force", action="store_true", default=os.environ.get("CERTS_FORCE", "") not in ("", "0"),
+        help="replace existing files (also: environment variable CERTS_FORCE=1)",
+    )
+    args = parser.parse_args(argv)
+
+    out: Path = args.out
+    existing = [f for f in FILES if (out / f).exists()]
+    if existing and not args.force:
+        print(f"{out}: {', '.join(existing)} already there; kept (use --force to replace)")
+        return 0
+
+    extra = [n.strip() for item in args.san for n in item.split(",") if n.strip()]
+    names = list(dict.fromkeys([*DEFAULT_NAMES, *extra]))
+    owner = parse_owner(args.owner)
+
+    out.mkdir(parents=True, exist_ok=True)
+    os.chmod(out, 0o755)  # the SuperLink's user must be able to enter it
+    ca_key, ca_cert = make_ca(args.days)
+    key, cert = make_server_cert(ca_key, ca_cert, names, args.days)
+    write(out / "ca.key", key_pem(ca_key), 0o600, None)
+    write(out / "ca.crt", cert_pem(ca_cert), 0o644, None)
+    write(out / "server.key", key_pem(key), 0o600, owner)
+    write(out / "server.pem", cert_pem(cert) + cert_pem(ca_cert), 0o644, None)
+    print(f"{out}: CA and server certificate for {', '.join(names)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""BayesADMM with real IVON clients in one process: dual bookkeeping under partial participation
+and lost replies, lasting client state, the posterior artifact and prediction from it."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from benchmarks.inprocess import InProcessGrid, default_run_config, simulate
+from client_app.bayes_admm import committed_duals
+from client_app.state import ClientState
+from strategies import STRATEGIES, records
+from strategies.bayes_admm import BayesADMM
+from task.config import parse_run_config
+from task.data import data_spec
+from task.models import build_model
+from task.params import model_to_record
+from task.predict import load_global_model, main as predict_main, predict
+from tests.conftest import reply
+
+SMALL = {
+    "strategy": "bayes-admm",
+    "optimizer": "ivon",
+    "model": "logreg",
+    "local-epochs": 1,
+    "lr": 0.05,
+    "rho": 0.5,
+    "dual-damping": 0.5,
+    "fraction-evaluate": 0.0,
+    "eval-mc-samples": 2,
+}
+
+
+def _node_duals(grid: InProcessGrid, strategy: BayesADMM, node: int):
+    """The duals node `node` holds once it commits whatever the server accepted."""
+    saved = ClientState(grid.contexts[node]).load()
+    return committed_duals(saved, strategy.accepted_round.get(node, 0), strategy.mean.size)
+
+
+@pytest.mark.parametrize("posterior", ["diagonal", "isotropic"])
+def test_server_dual_sums_match_what_clients_hold(posterior):
+    overrides = {**SMALL, "fraction-train": 0.5, "min-train-nodes": 2, "num-server-rounds": 6,
+                 "posterior": posterior}
+    if posterior == "isotropic":
+        overrides["optimizer"] = "sgd"
+    run_config = {**default_run_config(), **overrides}
+    cfg = parse_run_config(run_config)
+    grid = InProcessGrid(run_config, num_nodes=6)
+    strategy = STRATEGIES["bayes-admm"](cfg, model_to_record(build_model(cfg, data_spec(cfg))))
+    from benchmarks.inprocess import _set_task_identity
+
+    _set_task_identity()
+    lost = 0
+    for server_round in range(1, 7):
+        messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+        assert len(messages) == 3  # half of six nodes
+        replies = grid.send_and_receive(messages)
+        # The last sampled node trained (and saved a pending increment) but its reply is lost.
+        dropped = replies[-1].metadata.src_node_id
+        strategy.aggregate_train(server_round, replies[:-1])
+        lost += 1
+        assert strategy.accepted_round.get(dropped, 0) < server_round
+        held = [_node_duals(grid, strategy, n) for n in grid.contexts]
+        np.testing.assert_allclose(sum(v for v, _ in held), strategy.duals.mean, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(sum(V for _, V in held), strategy.duals.precision, rtol=1e-9, atol=1e-12)
+        assert np.isfinite(strategy.mean).all() and (strategy.precision > 0).all()
+        if posterior == "isotropic":
+            np.testing.assert_array_equal(strategy.precision, 1.0)
+    assert lost == 6 and strategy.num_clients == 6
+    assert np.abs(strategy.duals.mean).sum() > 0
+
+
+def test_committed_duals_take_the_pending_increment_only_when_accepted():
+    saved = {
+        "dual-mean": np.array([1.0]),
+        "dual-precision": np.array([2.0]),
+        "pending-dual-mean": np.array([0.5]),
+        "pending-dual-precision": np.array([-1.0]),
+        "pending-round": np.int64(4),
+    }
+    assert [a.tolist() for a in committed_duals(saved, 4, 1)] == [[1.5], [1.0]]
+    assert [a.tolist() for a in committed_duals(saved, 3, 1)] == [[1.0], [2.0]]
+    assert [a.tolist() for a in committed_duals({}, 0, 2)] == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_client_keeps_ivon_momentum_and_step_across_rounds():
+    run_config = {**default_run_config(), **SMALL, "num-server-rounds": 2}
+    cfg = parse_run_config(run_config)
+    grid = InProcessGrid(run_config, num_nodes=2)
+    strategy = STRATEGIES["bayes-admm"](cfg, model_to_record(build_model(cfg, data_spec(cfg))))
+    steps = []
+    for server_round in (1, 2):
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+        )
+        strategy.aggregate_train(server_round, replies)
+        saved = ClientState(grid.contexts[1]).load()
+        steps.append(int(saved["step"]))
+        assert np.abs(saved["momentum"]).sum() > 0
+    assert steps[1] == 2 * steps[0] > 0
+
+
+def test_reply_with_non_positive_precision_is_rejected(fake_grid):
+    cfg = parse_run_config({**default_run_config(), **SMALL, "min-train-nodes": 1})
+    initial = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
+    strategy = BayesADMM(cfg, initial)
+    msgs = list(strategy.configure_train(1, initial, ConfigRecord(), fake_grid([1, 2])))
+
+    def answer(msg, precision):
+        return reply(msg, RecordDict({
+            records.ARRAYS: ArrayRecord({"w": Array(np.ones(2, dtype=np.float32))}),
+            records.PRECISION: ArrayRecord({"w": Array(np.asarray(precision, dtype=np.float32))}),
+            records.METRICS: MetricRecord({records.NUM_EXAMPLES: 10}),
+        }))
+
+    strategy.aggregate_train(1, [answer(msgs[0], [2.0, 3.0]), answer(msgs[1], [1.0, -1.0])])
+    assert strategy.last_round.accepted == 1 and strategy.last_round.rejected == 1
+    assert "precision must be positive" in strategy.last_round.reasons[0]
+    assert strategy.accepted_round == {msgs[0].metadata.dst_node_id: 1}
+
+
+def test_run_saves_posterior_and_bma_metrics_and_predicts(tmp_path, capsys):
+    out = tmp_path / "run"
+    outputs = simulate({**SMALL, "num-server-rounds": 3, "output-dir": str(out)}, num_nodes=3)
+    for entry in outputs.results["rounds"]:
+        assert {"bma_accuracy", "bma_nll", "bma_ece"} <= entry.keys()
+    model = load_global_model(out)
+    assert model.precision is not None and all((p > 0).all() for p in model.precision.values())
+    x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
+    result = predict(model, x, samples=4)
+    np.testing.assert_allclose(result.probs.sum(1), 1.0, rtol=1e-6)
+    assert (result.probs_std > 0).any() and (result.entropy > 0).all()
+
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, x=x, y=np.arange(5))
+    preds = tmp_path / "preds.npz"
+    assert predict_main([str(out), str(inputs), "--samples", "4", "--out", str(preds)]) == 0
+    assert "BMA over 4 draws" in capsys.readouterr().out
+    with np.load(preds) as npz:
+        np.testing.assert_allclose(npz["probs"], result.probs)
+
+
+def test_predict_reports_a_bad_run_folder(tmp_path, capsys):
+    assert predict_main([str(tmp_path), str(tmp_path / "x.npz")]) == 2
+    assert "no results.json" in capsys.readouterr().err
+
+
+def test_a_global_outside_float32_skips_the_round(fake_grid):
+    # rho 10: the dual term doubles a mean near float32's largest value (m_g = 5.4e38).
+    cfg = parse_run_config({**default_run_config(), **SMALL, "min-train-nodes": 1, "rho": 10.0,
+                            "dual-damping": 1.0})
+    initial = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
+    strategy = BayesADMM(cfg, initial)
+    msgs = list(strategy.configure_train(1, initial, ConfigRecord(), fake_grid([1])))
+    huge = RecordDict({
+        records.ARRAYS: ArrayRecord({"w": Array(np.full(2, 3e38, dtype=np.float32))}),
+        records.PRECISION: ArrayRecord({"w": Array(np.ones(2, dtype=np.float32))}),
+        records.METRICS: MetricRecord({records.NUM_EXAMPLES: 10}),
+    })
+    before = strategy.state_dict()[0]
+    assert strategy.aggregate_train(1, [reply(msgs[0], huge)]) == (None, None)
+    assert strategy.last_round.skipped and strategy.at_prior and strategy.accepted_round == {}
+    for key, value in strategy.state_dict()[0].items():
+        np.testing.assert_array_equal(value, before[key])

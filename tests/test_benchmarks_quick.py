@@ -1,0 +1,46 @@
+"""Smoke tests of the benchmark scripts' --quick modes (real in-process federations)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_heterogeneity_quick_writes_every_method_and_setting(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.heterogeneity import METHODS, METRICS, QUICK
+
+    out = tmp_path / "results"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "benchmarks/heterogeneity.py", "--quick", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    results = json.loads((out / "heterogeneity.json").read_text())
+    table = (out / "heterogeneity.md").read_text()
+    assert set(results["settings"]) == set(QUICK["settings"])
+    for setting, entry in results["settings"].items():
+        assert f"### {setting}" in table
+        assert (out / entry["plot"]).stat().st_size > 0
+        assert set(entry["summary"]) == set(METHODS)
+        for method, summary in entry["summary"].items():
+            assert f"| {method} |" in table
+            # BayesADMM alone keeps a posterior, so it alone reports BMA.
+            assert set(summary) == ({"mean", "bma"} if method == "bayes-admm" else {"mean"})
+            for by_round in summary.values():
+                assert by_round, (setting, method)
+                for stats in by_round.values():
+                    for metric in METRICS:
+                        assert math.isfinite(stats[metric]["mean"]), (setting, method, metric)
+                        assert math.isfinite(stats[metric]["std"]), (setting, method, metric)
+            assert len(entry["runs"][method]) == len(QUICK["seeds"])
+            assert len(entry["runs"][method][0]["rounds"]) == QUICK["rounds"]
+        assert "| bayes-admm (BMA) |" in table
