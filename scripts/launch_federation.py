@@ -572,6 +572,8 @@ def cmd_stop(args: argparse.Namespace) -> None:
 
 def cmd_restart_node(args: argparse.Namespace) -> None:
     fed = Federation.load(args.dir)
+    print(f"Starting node-{args.node}; after a crash the SuperLink first has to count it "
+          "offline (up to 60 s)", flush=True)
     fed.start_node(args.node, timeout=args.timeout)
     print(f"node-{args.node} running (pid {fed.node(args.node).pid}), SuperNode ID {fed.node_id(args.node)}")
 
