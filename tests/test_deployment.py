@@ -37,10 +37,21 @@ ENVIRONMENTS = {
 NUM_NODES = 3
 # The strategy whose clients keep state (duals) between rounds; the restart test checks it.
 STATEFUL_STRATEGY = "bayes-admm"
-SHORT_RUN = "dataset='digits' model='logreg' local-epochs=1 fraction-evaluate=0.0 seed=0"
+SHORT_RUN = {"dataset": "'digits'", "model": "'logreg'", "local-epochs": "1",
+             "fraction-evaluate": "0.0", "seed": "0"}
 # What a strategy needs beyond SHORT_RUN: BayesADMM's diagonal posterior is IVON's; FedPA
-# samples the posterior from round 2 on instead of after 10 FedAvg-like burn-in rounds.
-STRATEGY_SETTINGS = {"bayes-admm": "optimizer='ivon'", "fedpa": "burnin-rounds=1"}
+# samples the posterior in round 2 (instead of after 10 FedAvg-like burn-in rounds), from the
+# 2 epochs after its 1 local burn-in epoch.
+STRATEGY_SETTINGS = {
+    "bayes-admm": {"optimizer": "'ivon'"},
+    "fedpa": {"burnin-rounds": "1", "local-epochs": "3"},
+}
+
+
+def short_run(strategy: str, **settings: str) -> str:
+    """A --run-config string for a short run of `strategy` (each key once: flwr rejects repeats)."""
+    config = {"strategy": f"'{strategy}'", **SHORT_RUN, **STRATEGY_SETTINGS.get(strategy, {}), **settings}
+    return " ".join(f"{key}={value}" for key, value in config.items())
 
 
 @pytest.fixture(scope="module", params=sorted(ENVIRONMENTS))
@@ -136,8 +147,10 @@ def strategy_runs(federation, tmp_path_factory):
         out = tmp_path_factory.mktemp(f"run-{strategy}") / "out"
         run_id = submit(
             federation,
-            f"strategy='{strategy}' {SHORT_RUN} {STRATEGY_SETTINGS.get(strategy, '')} "
-            f"num-server-rounds=2 min-train-nodes={NUM_NODES} round-timeout=300 output-dir='{out}'",
+            short_run(
+                strategy, **{"num-server-rounds": "2", "min-train-nodes": str(NUM_NODES),
+                             "round-timeout": "300", "output-dir": f"'{out}'"}
+            ),
         )
         submitted[strategy] = (run_id, out)
     return {
@@ -156,6 +169,8 @@ def test_strategy_completes_a_short_run(federation, strategy_runs, strategy):
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     for entry in results["rounds"]:
         assert entry["replies"] == NUM_NODES and not entry["skipped"], entry
+    if strategy == "fedpa":  # round 2 took the posterior-sampling path, not FedAvg's
+        assert results["rounds"][1]["train_fedpa_samples"] == 2, results["rounds"][1]
     assert (out / "model.npz").exists() and f"Results: {out}" in logs
 
 
@@ -170,8 +185,10 @@ def crash_drill(federation, tmp_path_factory):
     # 60 s the SuperLink may take to notice a dead node, so round 2 ends when it does.
     run_id = submit(
         federation,
-        f"strategy='{STATEFUL_STRATEGY}' {SHORT_RUN} {STRATEGY_SETTINGS.get(STATEFUL_STRATEGY, '')} "
-        f"num-server-rounds=4 min-train-nodes={NUM_NODES - 1} round-timeout=60 output-dir='{out}'",
+        short_run(
+            STATEFUL_STRATEGY, **{"num-server-rounds": "4", "min-train-nodes": str(NUM_NODES - 1),
+                                  "round-timeout": "60", "output-dir": f"'{out}'"}
+        ),
     )
     # Between rounds, not while the node uploads a reply: a reply cut off mid-upload stalls the
     # ServerApp for Flower's 180 s object-push session, whatever the round timeout.
@@ -227,9 +244,9 @@ def server_crash_drill(federation, tmp_path_factory):
     """A stateful run whose ServerApp is killed (SIGKILL) after round 2, then resumed with
     `resume-from` as a new run on the same SuperLink and nodes."""
     out = tmp_path_factory.mktemp("server-crash") / "out"
-    settings = (
-        f"strategy='{STATEFUL_STRATEGY}' {SHORT_RUN} {STRATEGY_SETTINGS.get(STATEFUL_STRATEGY, '')} "
-        f"num-server-rounds=4 min-train-nodes={NUM_NODES} round-timeout=300 output-dir='{out}'"
+    settings = short_run(
+        STATEFUL_STRATEGY, **{"num-server-rounds": "4", "min-train-nodes": str(NUM_NODES),
+                              "round-timeout": "300", "output-dir": f"'{out}'"}
     )
     first_run = submit(federation, settings)
     wait_for(lambda: len(rounds_written(out)) >= 2, 300, "round 2", poll=0.2)
