@@ -1,7 +1,7 @@
 """System costs: local step time per optimizer, server aggregation time and memory, the split of
 a round into local compute and everything else, and bytes per round.
 
-    python benchmarks/system.py --out benchmarks/results/system            # everything (~25 min)
+    python benchmarks/system.py                                            # everything (~30 min)
     python benchmarks/system.py --quick --out /tmp/system-quick           # smoke run (< 2 min)
     python benchmarks/system.py --sections step,aggregation --threads 1   # some tables only
 
@@ -628,12 +628,15 @@ def _deployment_rows(launcher: Path, label: dict[str, Any], overrides: dict, nod
                  _run_config_string({**overrides, "output-dir": str(folder)})],
                 cwd=ROOT, env=run_env, check=True, capture_output=True, text=True, timeout=1800,
             )
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+            results = json.loads((folder / "results.json").read_text())
+            if len(results["rounds"]) != overrides["num-server-rounds"]:
+                raise RuntimeError(f"the run ended after {len(results['rounds'])} round(s)")
+        except Exception as err:  # a failed deployment is a row of the table, not a crash
             detail = (getattr(err, "stderr", "") or "")[-500:]
+            log(f"deployment {label['workload']} {label['strategy']} failed: {err}")
             return [{**label, "mode": "deployment", "status": f"failed: {err}; {detail}"}]
         finally:
             subprocess.run(stop, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    results = json.loads((folder / "results.json").read_text())
     rows = [split_row(label, "deployment", e, None, local[e["round"]]) | {"status": "ok"}
             for e in results["rounds"]]
     log(f"deployment {label['workload']} {label['strategy']}: round {rows[-1]['round_seconds']:.2f} s")
@@ -722,7 +725,7 @@ def markdown(tables: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "system")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "system-benchmark")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (and "
                         "OMP_NUM_THREADS of the flwr processes)")
     parser.add_argument("--sections", default=None,
