@@ -55,7 +55,6 @@ import ivon  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.serverapp import Grid  # noqa: E402
 
 SECTIONS = ("step", "aggregation", "rounds", "simulation", "deployment")
 
@@ -300,35 +299,6 @@ def bench_step_time(settings: dict[str, Any], log: Callable[[str], None]) -> lis
 # ==================================================================================== aggregation
 
 
-class NodesGrid(Grid):
-    """A Grid of K node ids; strategies only discover nodes through it here."""
-
-    def __init__(self, num_nodes: int) -> None:
-        self.node_ids = list(range(1, num_nodes + 1))
-
-    def get_node_ids(self):
-        return list(self.node_ids)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        raise NotImplementedError
-
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-
 def _set_task_identity() -> None:
     from benchmarks.inprocess import _set_task_identity as set_identity
 
@@ -350,7 +320,9 @@ def _aggregation_case(strategy_name: str, num_clients: int, num_params: int, dis
     rng = np.random.default_rng(0)
     initial = numpy_to_record({k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()})
     strategy = STRATEGIES[strategy_name](cfg, initial)
-    grid = NodesGrid(num_clients)
+    from benchmarks.inprocess import NodeListGrid
+
+    grid = NodeListGrid(range(1, num_clients + 1))
     messages = list(strategy.configure_train(1, initial, ConfigRecord({records.STATE_KEY: "b"}), grid))
     contents = []
     for index in range(min(distinct, num_clients)):
