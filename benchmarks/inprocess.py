@@ -36,34 +36,19 @@ def _set_task_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
 
-class InProcessGrid(Grid):
-    """Nodes 1..N, each with its own Context (and so its own lasting state)."""
+class NodeListGrid(Grid):
+    """A Grid that knows its node ids and nothing else: all a strategy needs to configure a
+    round. Tests and benchmarks hand its messages to clients themselves."""
 
-    def __init__(self, run_config: dict[str, Any], num_nodes: int) -> None:
-        self.contexts = {
-            node: Context(
-                run_id=1,
-                node_id=node,
-                node_config={"partition-id": node - 1, "num-partitions": num_nodes},
-                state=RecordDict(),
-                run_config=run_config,
-            )
-            for node in range(1, num_nodes + 1)
-        }
+    def __init__(self, node_ids: Iterable[int]) -> None:
+        self.node_ids = list(node_ids)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
+        return list(self.node_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
-        return [self._deliver(m) for m in messages]
+        raise NotImplementedError
 
-    def _deliver(self, message: Message) -> Message:
-        try:
-            return client_app(message, self.contexts[message.metadata.dst_node_id])
-        except Exception as err:  # a failing client becomes an error reply, as in Flower
-            return Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message)
-
-    # The round loop uses only node discovery and send_and_receive.
     def set_run(self, run):
         raise NotImplementedError
 
@@ -79,6 +64,32 @@ class InProcessGrid(Grid):
 
     def pull_messages(self, message_ids):
         raise NotImplementedError
+
+
+class InProcessGrid(NodeListGrid):
+    """Nodes 1..N, each with its own Context (and so its own lasting state)."""
+
+    def __init__(self, run_config: dict[str, Any], num_nodes: int) -> None:
+        super().__init__(range(1, num_nodes + 1))
+        self.contexts = {
+            node: Context(
+                run_id=1,
+                node_id=node,
+                node_config={"partition-id": node - 1, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=run_config,
+            )
+            for node in self.node_ids
+        }
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+        return [self._deliver(m) for m in messages]
+
+    def _deliver(self, message: Message) -> Message:
+        try:
+            return client_app(message, self.contexts[message.metadata.dst_node_id])
+        except Exception as err:  # a failing client becomes an error reply, as in Flower
+            return Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message)
 
 
 def simulate(overrides: dict[str, Any], num_nodes: int) -> RunOutputs:

@@ -1,7 +1,7 @@
 """System costs: local step time per optimizer, server aggregation time and memory, the split of
 a round into local compute and everything else, and bytes per round.
 
-    python benchmarks/system.py --out benchmarks/results/system            # everything (~25 min)
+    python benchmarks/system.py                                            # everything (~30 min)
     python benchmarks/system.py --quick --out /tmp/system-quick           # smoke run (< 2 min)
     python benchmarks/system.py --sections step,aggregation --threads 1   # some tables only
 
@@ -55,7 +55,6 @@ import ivon  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.serverapp import Grid  # noqa: E402
 
 SECTIONS = ("step", "aggregation", "rounds", "simulation", "deployment")
 
@@ -300,35 +299,6 @@ def bench_step_time(settings: dict[str, Any], log: Callable[[str], None]) -> lis
 # ==================================================================================== aggregation
 
 
-class NodesGrid(Grid):
-    """A Grid of K node ids; strategies only discover nodes through it here."""
-
-    def __init__(self, num_nodes: int) -> None:
-        self.node_ids = list(range(1, num_nodes + 1))
-
-    def get_node_ids(self):
-        return list(self.node_ids)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        raise NotImplementedError
-
-    def set_run(self, run):
-        raise NotImplementedError
-
-    @property
-    def run(self):
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-
 def _set_task_identity() -> None:
     from benchmarks.inprocess import _set_task_identity as set_identity
 
@@ -350,7 +320,9 @@ def _aggregation_case(strategy_name: str, num_clients: int, num_params: int, dis
     rng = np.random.default_rng(0)
     initial = numpy_to_record({k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()})
     strategy = STRATEGIES[strategy_name](cfg, initial)
-    grid = NodesGrid(num_clients)
+    from benchmarks.inprocess import NodeListGrid
+
+    grid = NodeListGrid(range(1, num_clients + 1))
     messages = list(strategy.configure_train(1, initial, ConfigRecord({records.STATE_KEY: "b"}), grid))
     contents = []
     for index in range(min(distinct, num_clients)):
@@ -628,12 +600,15 @@ def _deployment_rows(launcher: Path, label: dict[str, Any], overrides: dict, nod
                  _run_config_string({**overrides, "output-dir": str(folder)})],
                 cwd=ROOT, env=run_env, check=True, capture_output=True, text=True, timeout=1800,
             )
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+            results = json.loads((folder / "results.json").read_text())
+            if len(results["rounds"]) != overrides["num-server-rounds"]:
+                raise RuntimeError(f"the run ended after {len(results['rounds'])} round(s)")
+        except Exception as err:  # a failed deployment is a row of the table, not a crash
             detail = (getattr(err, "stderr", "") or "")[-500:]
+            log(f"deployment {label['workload']} {label['strategy']} failed: {err}")
             return [{**label, "mode": "deployment", "status": f"failed: {err}; {detail}"}]
         finally:
             subprocess.run(stop, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    results = json.loads((folder / "results.json").read_text())
     rows = [split_row(label, "deployment", e, None, local[e["round"]]) | {"status": "ok"}
             for e in results["rounds"]]
     log(f"deployment {label['workload']} {label['strategy']}: round {rows[-1]['round_seconds']:.2f} s")
@@ -722,7 +697,7 @@ def markdown(tables: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "system")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "system-benchmark")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (and "
                         "OMP_NUM_THREADS of the flwr processes)")
     parser.add_argument("--sections", default=None,

@@ -107,13 +107,24 @@ def server_update(
         raise ValueError("client means, precisions, dual sums and prior differ in length")
     if len(client_means) > num_clients:
         raise ValueError(f"{len(client_means)} replies from a federation of {num_clients} clients")
-    alpha = 1.0 / (1.0 + num_clients * rho)
     num_replies = len(client_means)
     average_precision = sum(client_precisions) / num_replies
     average_natural_mean = (
         sum(precision * mean for mean, precision in zip(client_means, client_precisions))
         / num_replies
     )
+    return server_update_from_averages(
+        average_precision, average_natural_mean, dual_mean_sum, dual_precision_sum, rho,
+        prior_precision, num_clients,
+    )
+
+
+def server_update_from_averages(
+    average_precision, average_natural_mean, dual_mean_sum, dual_precision_sum, rho: float,
+    prior_precision, num_clients: int,
+) -> ServerUpdate:
+    """`server_update` given mean_A(S_k) and mean_A(S_k m_k), for callers that stream the replies."""
+    alpha = 1.0 / (1.0 + num_clients * rho)
     precision = (1.0 - alpha) * average_precision + alpha * (prior_precision - dual_precision_sum)
     natural_mean = (1.0 - alpha) * average_natural_mean - alpha * dual_mean_sum
 
@@ -212,19 +223,24 @@ class BayesADMM(FederatedStrategy):
             return self.skip_round(
                 f"{len(valid)} usable repl(ies), min-train-nodes is {self.cfg.min_train_nodes}"
             )
-        means = [flatten(record_to_numpy(r.content.array_records[records.ARRAYS])).astype(np.float64) for r in valid]
-        precisions = [flatten(record_to_numpy(r.content.array_records[records.PRECISION])).astype(np.float64) for r in valid]
+        # One reply at a time (memory does not grow with K), summed in reply order as
+        # server_update and accumulate_duals would sum the lists.
         received_mean = np.zeros_like(self.mean) if self.at_prior else self.mean
-        increments = [
-            client_dual_increment(
+        duals, precision_sum, natural_mean_sum = self.duals, 0, 0
+        for reply in valid:
+            arrays = reply.content.array_records
+            m = flatten(record_to_numpy(arrays[records.ARRAYS])).astype(np.float64)
+            s = flatten(record_to_numpy(arrays[records.PRECISION])).astype(np.float64)
+            increment = client_dual_increment(
                 received_mean, self.precision, m, s, self.cfg.rho, self.cfg.dual_damping
             )
-            for m, s in zip(means, precisions)
-        ]
-        duals = accumulate_duals(self.duals, increments)
-        update = server_update(
-            means, precisions, duals.mean, duals.precision, self.cfg.rho,
-            self.prior_precision, max(self.num_clients, len(valid)),
+            duals = accumulate_duals(duals, [increment])
+            precision_sum = precision_sum + s
+            natural_mean_sum = natural_mean_sum + s * m
+            del m, s, increment
+        update = server_update_from_averages(
+            precision_sum / len(valid), natural_mean_sum / len(valid), duals.mean, duals.precision,
+            self.cfg.rho, self.prior_precision, max(self.num_clients, len(valid)),
         )
         # Keep exactly what goes on the wire (the model's dtype), so that the server and the
         # clients compute the same dual increments from the global they share.

@@ -28,33 +28,42 @@ Arrays = list[np.ndarray]
 
 
 def weighted_mean(
-    deltas: Sequence[Sequence[np.ndarray]], weights: Sequence[float]
+    deltas: Iterable[Sequence[np.ndarray]], weights: Sequence[float]
 ) -> Arrays | None:
     """Example-weighted mean of client deltas, tensor by tensor; None when the weights sum to 0.
 
     Clients with weight 0 are left out rather than multiplied by 0, because 0 * NaN is NaN.
-    Sums run in float64; each result array has the dtype of the clients' array.
+    Sums run in float64; each result array has the dtype of the clients' array. `deltas` is read
+    once, one client at a time: a generator keeps the working memory at one client's delta.
     """
-    if len(deltas) != len(weights):
+    weights = list(weights)
+    if hasattr(deltas, "__len__") and len(deltas) != len(weights):
         raise ValueError(f"{len(deltas)} deltas but {len(weights)} weights")
     if any(not (np.isfinite(weight) and weight >= 0) for weight in weights):
         raise ValueError(f"weights must be finite and >= 0, got {list(weights)}")
-    contributing = [(delta, float(weight)) for delta, weight in zip(deltas, weights) if weight > 0]
-    if not contributing:
+    totals: list[np.ndarray] | None = None
+    like: list[np.ndarray] = []
+    total_weight, count = 0, 0
+    for delta, weight in zip(deltas, weights):
+        count += 1
+        if not weight > 0:
+            continue
+        weight = float(weight)
+        if totals is None:
+            like = [np.asarray(array) for array in delta]
+            totals = [np.zeros(np.shape(array), dtype=np.float64) for array in like]
+        elif len(delta) != len(totals):
+            raise ValueError("clients sent different numbers of arrays")
+        for index, (total, array) in enumerate(zip(totals, delta)):
+            if np.shape(array) != total.shape:
+                raise ValueError(f"clients sent array {index} in different shapes")
+            total += weight * np.asarray(array, dtype=np.float64)
+        total_weight += weight
+    if count != len(weights):
+        raise ValueError(f"{count} deltas but {len(weights)} weights")
+    if totals is None:
         return None
-    num_tensors = len(contributing[0][0])
-    if any(len(delta) != num_tensors for delta, _ in contributing):
-        raise ValueError("clients sent different numbers of arrays")
-    total_weight = sum(weight for _, weight in contributing)
-    mean = []
-    for index in range(num_tensors):
-        if len({np.shape(delta[index]) for delta, _ in contributing}) > 1:
-            raise ValueError(f"clients sent array {index} in different shapes")
-        total = np.zeros(contributing[0][0][index].shape, dtype=np.float64)
-        for delta, weight in contributing:
-            total += weight * np.asarray(delta[index], dtype=np.float64)
-        mean.append((total / total_weight).astype(contributing[0][0][index].dtype))
-    return mean
+    return [(total / total_weight).astype(ref.dtype) for total, ref in zip(totals, like)]
 
 
 def server_sgd_step(
@@ -98,7 +107,7 @@ class RoundOutcome(NamedTuple):
 
 def aggregate_round(
     params: Sequence[np.ndarray],
-    deltas: Sequence[Sequence[np.ndarray]],
+    deltas: Iterable[Sequence[np.ndarray]],
     weights: Sequence[float],
     momentum_buffer: Sequence[np.ndarray] | None,
     lr: float,
@@ -172,7 +181,8 @@ class FedAvg(FederatedStrategy):
         metrics = [r.content.metric_records[records.METRICS] for r in valid]
         outcome = aggregate_round(
             self.params,
-            [self.client_delta(r.content.array_records[records.ARRAYS]) for r in valid],
+            # A generator: one client's delta at a time, so memory does not grow with K.
+            (self.client_delta(r.content.array_records[records.ARRAYS]) for r in valid),
             [m[records.NUM_EXAMPLES] for m in metrics],
             self.momentum_buffer,
             self.cfg.server_lr,

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import pytest
 from flwr.app import Message, RecordDict
-from flwr.serverapp import Grid
+
+from benchmarks.inprocess import NodeListGrid
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -21,33 +20,7 @@ def _task_identity():
     yield
 
 
-class FakeGrid(Grid):
-    """A Grid whose nodes are a fixed list; only node discovery is used by strategies."""
-
-    def __init__(self, node_ids: Iterable[int]) -> None:
-        self.node_ids = list(node_ids)
-
-    def get_node_ids(self):
-        return list(self.node_ids)
-
-    def set_run(self, run):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    @property
-    def run(self):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def push_messages(self, messages):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover - not used
-        raise NotImplementedError
+FakeGrid = NodeListGrid
 
 
 @pytest.fixture
