@@ -61,6 +61,15 @@ def flower_version(bin_dir: Path) -> tuple[int, int, int]:
     return tuple(int(g) for g in match.groups())  # type: ignore[return-value]
 
 
+def json_reply(stdout: str) -> dict:
+    """What a `flwr ... --format json` call printed, or {} when it printed no JSON (it crashed)."""
+    try:
+        reply = json.loads(stdout)
+    except json.JSONDecodeError:
+        return {}
+    return reply if isinstance(reply, dict) else {}
+
+
 def toml_string(value: str) -> str:
     # A JSON string literal is a valid TOML basic string.
     return json.dumps(value)
@@ -341,7 +350,7 @@ class Federation:
         while True:
             self._check_alive(SUPERLINK, self.spec.superlink_pid)
             listed = self.flwr("supernode", "list", self.spec.connection, "--format", "json")
-            if listed.returncode == 0 and json.loads(listed.stdout).get("success", True):
+            if listed.returncode == 0 and json_reply(listed.stdout).get("success"):
                 return
             if time.monotonic() > deadline:
                 raise FederationError(
@@ -355,7 +364,7 @@ class Federation:
         database keeps registrations across SuperLink restarts) is fine."""
         done = self.flwr("supernode", "register", node.key + ".pub", self.spec.connection,
                          "--format", "json")
-        reply = json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
+        reply = json_reply(done.stdout)
         if reply.get("success") or "already in use" in reply.get("error-message", ""):
             return
         raise FederationError(f"registering node {node.index} failed:\n{done.stdout}{done.stderr}")
