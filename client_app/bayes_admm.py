@@ -23,7 +23,7 @@ from client_app.training import train_epochs
 from strategies import records
 from strategies.bayes_admm import client_dual_increment, cosine_lr
 from task.ivon_admm import IVONADMM
-from task.params import flatten, numpy_to_record, record_to_numpy, unflatten
+from task.params import flatten, numpy_to_record, unflatten
 
 
 def round_lr(round_: ClientRound) -> float:
@@ -47,11 +47,9 @@ def train(round_: ClientRound) -> RecordDict:
     cfg = round_.cfg
     model = round_.model_at()
     params = list(model.parameters())
-    shapes = record_to_numpy(round_.content.array_records[records.ARRAYS])
+    shapes = round_.received[records.ARRAYS]
     global_mean = flatten(shapes).astype(np.float64)
-    global_precision = flatten(
-        record_to_numpy(round_.content.array_records[records.PRECISION])
-    ).astype(np.float64)
+    global_precision = flatten(round_.received[records.PRECISION]).astype(np.float64)
     at_prior = bool(round_.config[records.AT_PRIOR])
     if at_prior:
         # The server has not updated yet: the received "global" is the prior N(0, 1/delta);

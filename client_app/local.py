@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
@@ -15,7 +16,7 @@ from strategies import records
 from task.config import RunConfig
 from task.data import ArrayData, DataSpec, check_fits, data_spec, node_train_data, split_train_val
 from task.models import build_model, resolve_device
-from task.params import load_record
+from task.params import load_arrays, record_to_numpy
 
 VALIDATION_FRACTION = 0.2
 
@@ -38,11 +39,27 @@ class ClientRound:
     def server_round(self) -> int:
         return int(self.config[records.SERVER_ROUND])
 
+    @cached_property
+    def received(self) -> dict[str, dict[str, np.ndarray]]:
+        """The message's ArrayRecords as NumPy arrays, decoded once (decoding costs per call)."""
+        return {name: record_to_numpy(record) for name, record in self.content.array_records.items()}
+
     def model_at(self, arrays_name: str = records.ARRAYS) -> nn.Module:
-        """The shared model architecture holding the server's arrays, on this node's device."""
-        model = build_model(self.cfg, self.spec)
-        load_record(model, self.content.array_records[arrays_name])
-        return model.to(self.device)
+        """The shared model architecture holding the server's arrays, on this node's device.
+
+        The module is this process's one module for the run's architecture (`_process_model`),
+        so it is valid until the next call, in this message's handler only.
+        """
+        model = _process_model(self.cfg, self.spec, self.device)
+        load_arrays(model, self.received[arrays_name])
+        return model
+
+
+@lru_cache(maxsize=8)
+def _process_model(cfg: RunConfig, spec: DataSpec, device: torch.device) -> nn.Module:
+    """One module per process and run, refilled for every message: building a fresh one costs
+    more than the rest of a small model's message (a handler runs one message at a time)."""
+    return build_model(cfg, spec).to(device)
 
 
 # Large enough that a simulation process serving many nodes keeps every node's data.

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from task.data import ArrayData
+from task.models import seed_torch
 
 
 Penalty = Callable[[], torch.Tensor]
@@ -61,7 +62,7 @@ def train_epochs(
 ) -> float:
     """`epochs` passes over `data` in shuffled minibatches; returns the mean training loss."""
     model.train()
-    torch.manual_seed(seed)  # weight sampling (IVON) draws from the global generator
+    seed_torch(seed)  # weight sampling (IVON) draws from the global generator
     order = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(data.x).to(device)
     y = torch.from_numpy(data.y).to(device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
@@ -21,8 +23,12 @@ def numpy_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 def load_record(model: nn.Module, record: ArrayRecord) -> None:
-    state = {k: torch.from_numpy(np.array(v)) for k, v in record_to_numpy(record).items()}
-    model.load_state_dict(state, strict=True)
+    load_arrays(model, record_to_numpy(record))
+
+
+def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Copy `arrays` (one per state-dict key, no more, no fewer) into the model's parameters."""
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, strict=True)
 
 
 def flatten(arrays: dict[str, np.ndarray]) -> np.ndarray:

@@ -113,3 +113,28 @@ def test_fedavg_client_with_ivon_sends_the_ivon_mean(global_arrays):
     sent = record_to_numpy(global_arrays)
     assert all(np.isfinite(got[k]).all() for k in got)
     assert any(not np.allclose(got[k], sent[k]) for k in got)
+
+
+def test_each_message_gets_its_own_weights_in_the_reused_module(global_arrays):
+    """The process keeps one module per run and refills it per message; IVON-ADMM re-points the
+    parameters into its own buffers while training, and the next message must still see exactly
+    its own weights (and score like a freshly built model holding them)."""
+    from client_app.app import _round
+    from task.metrics import predict_probs
+    from task.params import load_record
+
+    ctx = _context({"partition-id": 0, "num-partitions": 4}, model="logreg", optimizer="ivon",
+                   **{"local-epochs": 1})
+    trained = train(_instruction(MessageType.TRAIN, global_arrays), ctx)
+    other = trained.content.array_records[records.ARRAYS]
+    for arrays in (other, global_arrays):
+        round_, val = _round(_instruction(MessageType.EVALUATE, arrays), ctx)
+        model = round_.model_at()
+        got = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+        want = record_to_numpy(arrays)
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+        fresh = build_model(round_.cfg, round_.spec)
+        load_record(fresh, arrays)
+        assert np.array_equal(
+            predict_probs(model, val.x, round_.device), predict_probs(fresh, val.x, round_.device)
+        )
