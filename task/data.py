@@ -12,19 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, load_from_disk
-from flwr_datasets import FederatedDataset
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-)
 
 from task.config import ConfigError, RunConfig
+
+# `datasets` and `flwr_datasets` are imported where they are used: together they take seconds
+# to import (pyarrow, pandas, and seaborn and scipy through flwr_datasets' plots), which a
+# deployment pays for every message, as each one starts a fresh ClientApp process; a node that
+# trains on its own .npz file needs neither.
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from flwr_datasets import FederatedDataset
+    from flwr_datasets.partitioner import Partitioner
 
 LABEL_COLUMNS = ("label", "labels", "fine_label", "character", "y")
 INPUT_COLUMNS = ("x", "image", "img", "pixels", "features")
@@ -58,6 +59,13 @@ class DataSpec:
 
     input_shape: tuple[int, ...]
     num_classes: int
+
+
+# What the offline sources' models see: digits are 8x8 grey images, Synthetic has 60 features.
+OFFLINE_SPECS = {
+    "digits": DataSpec((1, 8, 8), 10),
+    "synthetic": DataSpec((SYNTHETIC_DIM,), SYNTHETIC_CLASSES),
+}
 
 
 # ----------------------------------------------------------------------------- offline sources
@@ -104,22 +112,27 @@ def _offline_arrays(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 @lru_cache(maxsize=4)
-def _offline_split(cfg: RunConfig) -> tuple[Dataset, ArrayData]:
-    """Training pool (a `datasets.Dataset` for the partitioners) and the server's test set."""
+def _offline_split(cfg: RunConfig) -> tuple[ArrayData, ArrayData]:
+    """The training pool the clients' partitions come from, and the server's test set."""
     from sklearn.model_selection import train_test_split
 
     x, y = _offline_arrays(cfg)
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=cfg.test_fraction, random_state=cfg.seed, stratify=y
     )
-    pool = Dataset.from_dict({"x": x_train, "label": y_train})
-    return pool, ArrayData(x_test, y_test)
+    return ArrayData(x_train, y_train), ArrayData(x_test, y_test)
 
 
 # ----------------------------------------------------------------------------- partitioners
 
 
 def build_partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
+
     if cfg.partitioner == "iid":
         return IidPartitioner(num_partitions)
     if cfg.partitioner == "dirichlet":
@@ -142,15 +155,25 @@ def build_partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:
 
 @lru_cache(maxsize=4)
 def _offline_partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:
+    """A partitioner over the pool's labels; each row carries its index into the pool.
+
+    The inputs stay out of the `datasets.Dataset`: turning them into Arrow rows and back costs
+    more than partitioning, and the partitioners read only the labels.
+    """
+    from datasets import Dataset
+
     pool, _ = _offline_split(cfg)
     partitioner = build_partitioner(cfg, num_partitions)
+    rows = Dataset.from_dict({"row": np.arange(len(pool)), "label": pool.y})
     # IidPartitioner has no seed of its own: shuffle the pool with ours first.
-    partitioner.dataset = pool.shuffle(seed=cfg.seed)
+    partitioner.dataset = rows.shuffle(seed=cfg.seed)
     return partitioner
 
 
 @lru_cache(maxsize=4)
 def _federated_dataset(cfg: RunConfig, num_partitions: int) -> FederatedDataset:
+    from flwr_datasets import FederatedDataset
+
     return FederatedDataset(
         dataset=cfg.dataset,
         partitioners={"train": build_partitioner(cfg, num_partitions)},
@@ -174,13 +197,15 @@ def server_test_set(cfg: RunConfig) -> ArrayData:
 
 
 def data_spec(cfg: RunConfig) -> DataSpec:
+    if cfg.dataset in OFFLINE_SPECS:  # known without generating the data
+        return OFFLINE_SPECS[cfg.dataset]
     test = server_test_set(cfg)
     return DataSpec(test.input_shape, _num_classes(cfg, test))
 
 
 def _num_classes(cfg: RunConfig, test: ArrayData) -> int:
-    if cfg.dataset == "digits" or cfg.dataset == "synthetic":
-        return 10
+    from datasets import ClassLabel
+
     features = _federated_dataset(cfg, 1).load_split("test").features
     label = next(c for c in LABEL_COLUMNS if c in features)
     if isinstance(features[label], ClassLabel):
@@ -195,9 +220,11 @@ def partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> ArrayDa
             f"node config: partition-id {partition_id} is outside 0..{num_partitions - 1}"
         )
     if cfg.dataset in OFFLINE_SOURCES:
-        part = _offline_partitioner(cfg, num_partitions).load_partition(partition_id)
-    else:
-        part = _federated_dataset(cfg, num_partitions).load_partition(partition_id, "train")
+        rows = _offline_partitioner(cfg, num_partitions).load_partition(partition_id)["row"]
+        pool, _ = _offline_split(cfg)
+        rows = np.asarray(rows, dtype=np.int64)
+        return ArrayData(pool.x[rows], pool.y[rows])
+    part = _federated_dataset(cfg, num_partitions).load_partition(partition_id, "train")
     return dataset_to_arrays(part)
 
 
@@ -218,6 +245,8 @@ def load_local_data(path: str | Path) -> ArrayData:
         if missing:
             raise ConfigError(f"data-path '{path}' lacks array(s) {sorted(missing)}")
         return _as_array_data(arrays["x"], arrays["y"])
+    from datasets import DatasetDict, load_from_disk
+
     try:
         loaded = load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as err:

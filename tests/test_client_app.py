@@ -138,3 +138,37 @@ def test_each_message_gets_its_own_weights_in_the_reused_module(global_arrays):
         assert np.array_equal(
             predict_probs(model, val.x, round_.device), predict_probs(fresh, val.x, round_.device)
         )
+
+
+def test_node_with_its_own_npz_does_not_import_the_dataset_libraries(tmp_path):
+    """Each deployment message starts a fresh ClientApp process: `datasets` and `flwr_datasets`
+    (seconds of imports) must not be loaded by a node that trains on its own file."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "site.npz"
+    np.savez(path, x=rng.random((40, 1, 8, 8), dtype=np.float32), y=rng.integers(0, 10, 40))
+    script = f"""
+import sys
+from benchmarks.inprocess import _set_task_identity
+from tests.test_client_app import _context, _instruction
+from client_app.app import evaluate, train
+from flwr.app import MessageType
+from strategies import records
+from task.config import parse_run_config
+from task.data import data_spec
+from task.models import build_model
+from task.params import model_to_record
+_set_task_identity()
+ctx = _context({{"data-path": {str(path)!r}}}, model="logreg", **{{"local-epochs": 1}})
+cfg = parse_run_config(ctx.run_config)
+arrays = model_to_record(build_model(cfg, data_spec(cfg)))
+out = train(_instruction(MessageType.TRAIN, arrays), ctx)
+assert not out.has_error()
+evaluate(_instruction(MessageType.EVALUATE, out.content.array_records[records.ARRAYS]), ctx)
+print(sorted(m for m in ("datasets", "flwr_datasets", "sklearn") if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "[]"
