@@ -126,7 +126,8 @@ def _offline_split(cfg: RunConfig) -> tuple[ArrayData, ArrayData]:
 # ----------------------------------------------------------------------------- partitioners
 
 
-def build_partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:
+def build_partitioner(cfg: RunConfig, num_partitions: int, label: str = "label") -> Partitioner:
+    """The partitioner named by `cfg.partitioner`; the skewed ones split by the column `label`."""
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         IidPartitioner,
@@ -138,7 +139,7 @@ def build_partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:
     if cfg.partitioner == "dirichlet":
         return DirichletPartitioner(
             num_partitions,
-            partition_by="label",
+            partition_by=label,
             alpha=cfg.dirichlet_alpha,
             min_partition_size=2,
             self_balancing=False,
@@ -146,7 +147,7 @@ def build_partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:
         )
     return PathologicalPartitioner(
         num_partitions,
-        partition_by="label",
+        partition_by=label,
         num_classes_per_partition=cfg.classes_per_client,
         class_assignment_mode="first-deterministic",
         seed=cfg.seed,
@@ -172,13 +173,23 @@ def _offline_partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:
 
 @lru_cache(maxsize=4)
 def _federated_dataset(cfg: RunConfig, num_partitions: int) -> FederatedDataset:
+    """The named data set with its train split partitioned by its own label column (`label`,
+    or e.g. CIFAR-100's `fine_label`: the first of LABEL_COLUMNS it has)."""
     from flwr_datasets import FederatedDataset
 
-    return FederatedDataset(
-        dataset=cfg.dataset,
-        partitioners={"train": build_partitioner(cfg, num_partitions)},
-        seed=cfg.seed,
-    )
+    def federated(partitioner: Partitioner | int) -> FederatedDataset:
+        return FederatedDataset(dataset=cfg.dataset, partitioners={"train": partitioner}, seed=cfg.seed)
+
+    columns = federated(1).load_split("train").column_names
+    label = _label_column(columns)
+    return federated(build_partitioner(cfg, num_partitions, label))
+
+
+def _label_column(columns: list[str]) -> str:
+    label = next((c for c in LABEL_COLUMNS if c in columns), None)
+    if label is None:
+        raise ConfigError(f"data set columns {columns} have no label column (one of {LABEL_COLUMNS})")
+    return label
 
 
 # ----------------------------------------------------------------------------- public API
@@ -207,7 +218,7 @@ def _num_classes(cfg: RunConfig, test: ArrayData) -> int:
     from datasets import ClassLabel
 
     features = _federated_dataset(cfg, 1).load_split("test").features
-    label = next(c for c in LABEL_COLUMNS if c in features)
+    label = _label_column(list(features))
     if isinstance(features[label], ClassLabel):
         return features[label].num_classes
     return int(test.y.max()) + 1

@@ -319,6 +319,44 @@ def test_hf_folder_partitions_cover_the_train_split(hf_folder, no_network, raw):
         D.partition(cfg, n, n)
 
 
+@pytest.fixture
+def hf_fine_label_folder(tmp_path, monkeypatch):
+    """CIFAR-100's layout: images under `img`, the class under `fine_label`, and a `coarse_label`."""
+    import datasets
+    import huggingface_hub.constants
+
+    folder = tmp_path / "tiny_cifar100"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    features = Features({
+        "img": Image(), "fine_label": ClassLabel(num_classes=4), "coarse_label": ClassLabel(num_classes=2),
+    })
+    for split, size in (("train", 40), ("test", 12)):
+        fine = np.arange(size) % 4
+        ds = Dataset.from_dict(
+            {"img": list(rng.integers(0, 256, (size, 8, 8, 3), dtype=np.uint8)),
+             "fine_label": fine.tolist(), "coarse_label": (fine // 2).tolist()},
+            features=features,
+        )
+        ds.to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    _clear_caches()
+    yield str(folder)
+    _clear_caches()
+
+
+def test_hf_folder_is_partitioned_by_its_own_label_column(hf_fine_label_folder, no_network):
+    cfg = parse_run_config(
+        {"dataset": hf_fine_label_folder, "partitioner": "pathological", "classes-per-client": 1}
+    )
+    assert D.data_spec(cfg) == D.DataSpec((3, 8, 8), 4)
+    parts = [D.partition(cfg, i, 4) for i in range(4)]
+    assert sorted(int(np.unique(p.y).item()) for p in parts) == [0, 1, 2, 3]  # one fine label each
+    assert sum(len(p) for p in parts) == 40
+
+
 # ----------------------------------------------------------------------------- a node's own data
 
 
