@@ -241,35 +241,60 @@ def build_step_case(kind: str, input_shape: tuple[int, ...], batch: int, optimiz
     return model, opt, x, y
 
 
-def bench_step_time(settings: dict[str, Any], log: Callable[[str], None]) -> list[dict[str, Any]]:
+# Parts of a step, timed in the same blocks as the optimizers: the forward and backward pass
+# alone, and the draw of P standard normals (IVON's weight noise, torch's CPU generator); their
+# sum is the least an IVON step can cost, whatever its update does.
+STEP_PARTS = ("forward-backward", "noise-draw")
+
+
+def _step_function(name: str, cases: dict[str, tuple]) -> Callable[[], None]:
     from client_app.training import minibatch_step
 
+    if name in cases:
+        model, opt, x, y = cases[name]
+        return lambda: minibatch_step(model, opt, x, y)
+    model, _, x, y = cases["sgd"]
+    if name == "forward-backward":
+        def forward_backward() -> None:
+            model.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+
+        return forward_backward
+    noise = torch.empty(sum(p.numel() for p in model.parameters()))
+    return lambda: torch.randn(noise.numel(), out=noise)
+
+
+def bench_step_time(settings: dict[str, Any], log: Callable[[str], None]) -> list[dict[str, Any]]:
     rows = []
+    timed = STEP_OPTIMIZERS + STEP_PARTS
     for label, kind, input_shape, batch in settings["step_cases"]:
         cases = {name: build_step_case(kind, input_shape, batch, name) for name in STEP_OPTIMIZERS}
         num_params = sum(p.numel() for p in cases["sgd"][0].parameters())
+        functions = {name: _step_function(name, cases) for name in timed}
 
         def run(name: str, steps: int) -> tuple[float, float]:
             """(wall, CPU) seconds per step; the CPU time of this process counts every thread."""
-            model, opt, x, y = cases[name]
+            step = functions[name]
             wall, cpu = time.perf_counter(), time.process_time()
             for _ in range(steps):
-                minibatch_step(model, opt, x, y)
+                step()
             return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
 
-        for name in STEP_OPTIMIZERS:  # warm-up (allocator, first-touch pages, lazy init)
+        for name in timed:  # warm-up (allocator, first-touch pages, lazy init)
             run(name, 3)
         # Steps per block from the slowest optimizer, so that each block lasts about as set.
         probe = max(run(name, 2)[0] for name in STEP_OPTIMIZERS)
         steps = max(3, int(settings["step_block_seconds"] / probe))
-        wall: dict[str, list[float]] = {name: [] for name in STEP_OPTIMIZERS}
-        cpu: dict[str, list[float]] = {name: [] for name in STEP_OPTIMIZERS}
+        wall: dict[str, list[float]] = {name: [] for name in timed}
+        cpu: dict[str, list[float]] = {name: [] for name in timed}
         for block in range(settings["step_blocks"]):
-            shift = block % len(STEP_OPTIMIZERS)  # rotate the order, block after block
-            for name in STEP_OPTIMIZERS[shift:] + STEP_OPTIMIZERS[:shift]:
+            shift = block % len(timed)  # rotate the order, block after block
+            for name in timed[shift:] + timed[:shift]:
                 block_wall, block_cpu = run(name, steps)
                 wall[name].append(block_wall)
                 cpu[name].append(block_cpu)
+        for times in (wall, cpu):  # the floor of an IVON step, block by block
+            times["ivon-floor"] = [f + n for f, n in zip(times["forward-backward"], times["noise-draw"])]
 
         def ratio(times: dict[str, list[float]], name: str, base: str) -> float:
             return median(t / b for t, b in zip(times[name], times[base]))
@@ -277,6 +302,7 @@ def bench_step_time(settings: dict[str, Any], log: Callable[[str], None]) -> lis
         for name in STEP_OPTIMIZERS:
             model = cases[name][0]
             assert all(torch.isfinite(p).all() for p in model.parameters()), (label, name)
+        for name in (*timed, "ivon-floor"):
             rows.append({
                 "model": label, "params": num_params, "batch": batch, "optimizer": name,
                 "step_ms": 1e3 * median(wall[name]),
@@ -288,10 +314,10 @@ def bench_step_time(settings: dict[str, Any], log: Callable[[str], None]) -> lis
         summary = ", ".join(
             f"{r['optimizer']} {r['step_ms']:.2f} ms ({r['vs_adam']:.2f}x adam, "
             f"CPU {r['cpu_vs_adam']:.2f}x)"
-            for r in rows[-len(STEP_OPTIMIZERS):]
+            for r in rows[-len(timed) - 1:]
         )
         log(f"step {label} batch {batch} (P={num_params}): {summary}")
-        del cases
+        del cases, functions
         gc.collect()
     return rows
 

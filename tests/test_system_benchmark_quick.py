@@ -19,7 +19,7 @@ def _numbers(row: dict) -> dict:
 
 def test_quick_mode_writes_every_table_with_finite_numbers(tmp_path):
     sys.path.insert(0, str(ROOT))
-    from benchmarks.system import QUICK, STEP_OPTIMIZERS
+    from benchmarks.system import QUICK, STEP_OPTIMIZERS, STEP_PARTS
 
     out = tmp_path / "system"
     done = subprocess.run(
@@ -39,10 +39,14 @@ def test_quick_mode_writes_every_table_with_finite_numbers(tmp_path):
             assert all(math.isfinite(v) for v in _numbers(row).values()), (name, row)
 
     steps = tables["step_time"]
-    assert len(steps) == len(QUICK["step_cases"]) * len(STEP_OPTIMIZERS)
-    assert {r["optimizer"] for r in steps} == set(STEP_OPTIMIZERS)
+    timed = {*STEP_OPTIMIZERS, *STEP_PARTS, "ivon-floor"}
+    assert len(steps) == len(QUICK["step_cases"]) * len(timed)
+    assert {r["optimizer"] for r in steps} == timed
     assert all(r["step_ms"] > 0 for r in steps)
     assert all(r["vs_adam"] == 1.0 for r in steps if r["optimizer"] == "adam")
+    for case in {r["model"] + str(r["batch"]) for r in steps}:  # the floor is the sum of its parts
+        ms = {r["optimizer"]: r["step_ms"] for r in steps if r["model"] + str(r["batch"]) == case}
+        assert ms["forward-backward"] < ms["ivon-floor"] and ms["noise-draw"] < ms["ivon-floor"]
 
     aggregation = tables["aggregation"]
     assert {(r["strategy"], r["clients"], r["params"]) for r in aggregation} == {
