@@ -22,6 +22,8 @@ Writes `<out>/system.json` (every table: a list of rows, plus the machine) and `
   handlers, the aggregation and the server's evaluation timed inside each round.
 - `simulation`: the same runs through `flwr run` (Ray simulation engine, local SuperLink); the
   round seconds there minus the local compute measured in process is everything else.
+- `flower_floor`: rounds of a no-op Flower app (`benchmarks/flower_floor`: the same nodes, the
+  same model-sized messages, clients that only echo) through `flwr run`: Flower's own cost.
 - `deployment`: the same through the loopback deployment (`scripts/launch_federation.py`), when
   that launcher is in this checkout.
 - `bytes`: bytes down and up per round per strategy, from the runs' results.json.
@@ -537,11 +539,10 @@ def split_row(label: dict[str, Any], mode: str, entry: dict, timers: dict | None
 
 def bench_rounds(settings: dict[str, Any], out: Path, log: Callable[[str], None],
                  simulation: bool, deployment: bool, threads: int) -> dict[str, list]:
-    """In-process rounds (always), and the same runs through `flwr run` and the loopback
-    deployment when asked; runs alternate between modes, repeat after repeat."""
-    from tests.flower_runs import LocalFederation
-
-    rows: dict[str, list] = {"round_split": [], "simulation": [], "deployment": []}
+    """In-process rounds (always), and the same runs through `flwr run` (with the no-op app's
+    rounds for each workload) and the loopback deployment when asked; runs alternate between
+    modes, repeat after repeat."""
+    rows: dict[str, list] = {"round_split": [], "simulation": [], "deployment": [], "flower_floor": []}
     nodes, rounds = settings["round_nodes"], settings["round_rounds"]
     launcher = ROOT / "scripts" / "launch_federation.py"
     for repeat in range(settings["round_repeats"]):
@@ -567,17 +568,7 @@ def bench_rounds(settings: dict[str, Any], out: Path, log: Callable[[str], None]
                 if simulation:
                     folder = out / "runs" / f"{tag}-simulation"
                     shutil.rmtree(folder, ignore_errors=True)
-                    with tempfile.TemporaryDirectory() as home:
-                        federation = LocalFederation(Path(home))
-                        federation.env["OMP_NUM_THREADS"] = str(threads)
-                        try:
-                            run = federation.run(
-                                _run_config_string({**overrides, "output-dir": str(folder)}), nodes
-                            )
-                        finally:
-                            federation.stop()
-                    if run.status != "finished:completed":
-                        raise RuntimeError(f"flwr run {tag}: {run.status}\n{run.logs[-3000:]}")
+                    _flwr_run(ROOT, {**overrides, "output-dir": str(folder)}, nodes, threads, tag)
                     sim = json.loads((folder / "results.json").read_text())
                     for entry in sim["rounds"]:
                         rows["simulation"].append(
@@ -591,7 +582,52 @@ def bench_rounds(settings: dict[str, Any], out: Path, log: Callable[[str], None]
                         launcher, label, overrides, nodes, local, out / "runs" / f"{tag}-deployment",
                         threads, log,
                     )
+            if simulation:
+                rows["flower_floor"] += _flower_floor_rows(
+                    workload, workload_overrides, nodes, rounds, threads, out, repeat, log
+                )
     return rows
+
+
+FLOWER_FLOOR_APP = ROOT / "benchmarks" / "flower_floor"
+
+
+def _flwr_run(app_dir: Path, run_config: dict[str, Any], nodes: int, threads: int, tag: str) -> None:
+    """`flwr run` of the app in `app_dir` on a private local SuperLink, to finished:completed."""
+    from tests.flower_runs import LocalFederation
+
+    with tempfile.TemporaryDirectory() as home:
+        federation = LocalFederation(Path(home), app_dir)
+        federation.env["OMP_NUM_THREADS"] = str(threads)
+        try:
+            run = federation.run(_run_config_string(run_config), nodes)
+        finally:
+            federation.stop()
+    if run.status != "finished:completed":
+        raise RuntimeError(f"flwr run {tag}: {run.status}\n{run.logs[-3000:]}")
+
+
+def _flower_floor_rows(workload: str, workload_overrides: dict[str, Any], nodes: int, rounds: int,
+                       threads: int, out: Path, repeat: int,
+                       log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Rounds of the no-op app (benchmarks/flower_floor) moving this workload's model: what a
+    round costs in Flower's simulation with nothing of ours in it."""
+    from benchmarks.inprocess import default_run_config
+    from task.config import parse_run_config
+    from task.data import data_spec
+    from task.models import build_model
+
+    cfg = parse_run_config({**default_run_config(), **ROUND_BASE, **workload_overrides})
+    num_params = sum(p.numel() for p in build_model(cfg, data_spec(cfg)).parameters())
+    output = out / "runs" / f"flower-floor-{workload.replace(' ', '-')}-{repeat}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _flwr_run(FLOWER_FLOOR_APP, {"num-server-rounds": rounds, "num-params": num_params,
+                                 "output": str(output)}, nodes, threads, f"flower-floor {workload}")
+    floor = json.loads(output.read_text())["rounds"]
+    log(f"flwr run of the no-op app ({workload}, P={num_params}): round {floor[-1]['seconds']:.2f} s")
+    return [{"workload": workload, "strategy": "no-op app", "mode": "simulation", "repeat": repeat,
+             "params": num_params,
+             "clients": nodes, "round": r["round"], "round_seconds": r["seconds"]} for r in floor]
 
 
 def _run_config_string(overrides: dict[str, Any]) -> str:
@@ -755,10 +791,11 @@ def main(argv: list[str] | None = None) -> int:
                               "deployment" in sections, args.threads)
         tables["round_split"] = rounds["round_split"]
         tables["round_summary"] = summarize_rounds(rounds["round_split"] + rounds["simulation"]
-                                                   + rounds["deployment"])
+                                                   + rounds["flower_floor"] + rounds["deployment"])
         tables["bytes"] = bytes_table(rounds["round_split"])
         if "simulation" in sections:
             tables["simulation"] = rounds["simulation"]
+            tables["flower_floor"] = rounds["flower_floor"]
         if "deployment" in sections:
             tables["deployment"] = rounds["deployment"]
     tables["machine"]["seconds"] = time.perf_counter() - started

@@ -33,8 +33,9 @@ class FlowerRun:
 class LocalFederation:
     """A private FLWR_HOME and local SuperLink ports, so tests never share state or ports."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, app_dir: Path = APP_DIR) -> None:
         self.home = home
+        self.app_dir = app_dir
         self.env = {
             **os.environ,
             "PATH": f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -46,7 +47,7 @@ class LocalFederation:
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(
-            ["flwr", *args], cwd=APP_DIR, env=self.env, capture_output=True, text=True,
+            ["flwr", *args], cwd=self.app_dir, env=self.env, capture_output=True, text=True,
             timeout=timeout,
         )
 

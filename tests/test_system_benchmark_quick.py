@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_TABLES = {"step_time", "aggregation", "round_split", "round_summary", "bytes"}
 
@@ -60,3 +62,14 @@ def test_quick_mode_writes_every_table_with_finite_numbers(tmp_path):
     ratios = {r["strategy"]: r["vs_fedavg"] for r in tables["bytes"]}
     assert math.isclose(ratios["bayes-admm"], 2.0, rel_tol=0.01)
     assert "### step_time" in (out / "system.md").read_text()
+
+
+@pytest.mark.e2e
+def test_flower_floor_rows_come_from_a_real_flwr_run_of_the_no_op_app(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.system import _flower_floor_rows
+
+    rows = _flower_floor_rows("digits mlp", {"model": "mlp"}, 3, 2, 1, tmp_path, 0, lambda _: None)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["round_seconds"] > 0 and r["clients"] == 3 for r in rows)
+    assert rows[0]["params"] == 64 * 200 + 200 + 200 * 100 + 100 + 100 * 10 + 10  # the digits MLP
