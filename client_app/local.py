@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from client_app.state import ClientState
+from client_app.state import STATE_DIR_KEY, ClientState
 from torch import nn
 
 from strategies import records
@@ -19,6 +20,7 @@ from task.models import build_model, resolve_device
 from task.params import load_arrays, record_to_numpy
 
 VALIDATION_FRACTION = 0.2
+PARTITION_CACHE = "partitions"  # in a node's state-dir: its partitions of offline data sets
 
 
 @dataclass
@@ -67,7 +69,10 @@ def _process_model(cfg: RunConfig, spec: DataSpec, device: torch.device) -> nn.M
 def node_data(cfg: RunConfig, node_items: tuple) -> tuple[ArrayData, ArrayData, DataSpec]:
     """(train, validation, spec) for a node, cached for the life of the process."""
     spec = data_spec(cfg)
-    data = node_train_data(cfg, dict(node_items))
+    node_config = dict(node_items)
+    state_dir = node_config.get(STATE_DIR_KEY)
+    cache = Path(str(state_dir)) / PARTITION_CACHE if state_dir else None
+    data = node_train_data(cfg, node_config, cache)
     check_fits(data, spec, f"node data ({dict(node_items)})")
     if data.input_shape != spec.input_shape:
         data = ArrayData(data.x.reshape((len(data),) + spec.input_shape), data.y)

@@ -9,6 +9,8 @@ Everything is deterministic given the run config's `seed`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -226,10 +228,7 @@ def _num_classes(cfg: RunConfig, test: ArrayData) -> int:
 
 def partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> ArrayData:
     """Partition `partition_id` of `num_partitions` of the training pool."""
-    if not 0 <= partition_id < num_partitions:
-        raise ConfigError(
-            f"node config: partition-id {partition_id} is outside 0..{num_partitions - 1}"
-        )
+    _check_partition_id(partition_id, num_partitions)
     if cfg.dataset in OFFLINE_SOURCES:
         rows = _offline_partitioner(cfg, num_partitions).load_partition(partition_id)["row"]
         pool, _ = _offline_split(cfg)
@@ -237,6 +236,13 @@ def partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> ArrayDa
         return ArrayData(pool.x[rows], pool.y[rows])
     part = _federated_dataset(cfg, num_partitions).load_partition(partition_id, "train")
     return dataset_to_arrays(part)
+
+
+def _check_partition_id(partition_id: int, num_partitions: int) -> None:
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(
+            f"node config: partition-id {partition_id} is outside 0..{num_partitions - 1}"
+        )
 
 
 def load_local_data(path: str | Path) -> ArrayData:
@@ -267,8 +273,15 @@ def load_local_data(path: str | Path) -> ArrayData:
     return dataset_to_arrays(loaded)
 
 
-def node_train_data(cfg: RunConfig, node_config: dict[str, Any]) -> ArrayData:
-    """The data a node trains on: its `data-path`, else its partition of the named data set."""
+def node_train_data(
+    cfg: RunConfig, node_config: dict[str, Any], cache_dir: Path | None = None
+) -> ArrayData:
+    """The data a node trains on: its `data-path`, else its partition of the named data set.
+
+    With a `cache_dir`, a partition of an offline source is kept there as a .npz and read back
+    by later processes: a deployment starts a fresh process for every message, which would
+    otherwise import the data libraries and partition the pool again each time.
+    """
     if "data-path" in node_config:
         return load_local_data(str(node_config["data-path"]))
     try:
@@ -282,7 +295,32 @@ def node_train_data(cfg: RunConfig, node_config: dict[str, Any]) -> ArrayData:
             "node config: partition-id and num-partitions must be integers, got "
             f"{node_config['partition-id']!r} and {node_config['num-partitions']!r}"
         ) from None
-    return partition(cfg, pid, n)
+    if cache_dir is None or cfg.dataset not in OFFLINE_SOURCES:
+        return partition(cfg, pid, n)
+    _check_partition_id(pid, n)
+    path = Path(cache_dir) / f"{_partition_key(cfg, pid, n)}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return ArrayData(npz["x"], npz["y"])
+    except Exception:  # absent, or unreadable (a crash mid-write cannot leave one: writes are atomic)
+        data = partition(cfg, pid, n)
+    from task.files import save_npz
+
+    save_npz(path, {"x": data.x, "y": data.y})
+    return data
+
+
+# Every run-config key that decides an offline partition's content.
+PARTITION_KEYS = (
+    "dataset", "synthetic-alpha", "synthetic-beta", "test-fraction", "partitioner",
+    "dirichlet-alpha", "classes-per-client", "seed",
+)
+
+
+def _partition_key(cfg: RunConfig, partition_id: int, num_partitions: int) -> str:
+    settings = {k: cfg.to_dict()[k] for k in PARTITION_KEYS}
+    settings |= {"partition-id": partition_id, "num-partitions": num_partitions}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def split_train_val(data: ArrayData, val_fraction: float, seed: int) -> tuple[ArrayData, ArrayData]:

@@ -140,15 +140,12 @@ def test_each_message_gets_its_own_weights_in_the_reused_module(global_arrays):
         )
 
 
-def test_node_with_its_own_npz_does_not_import_the_dataset_libraries(tmp_path):
-    """Each deployment message starts a fresh ClientApp process: `datasets` and `flwr_datasets`
-    (seconds of imports) must not be loaded by a node that trains on its own file."""
+def _data_libraries_loaded_by_a_fresh_process(node_config: dict) -> list[str]:
+    """Which of the heavy data libraries a new Python process loads to train and evaluate once."""
+    import ast
     import subprocess
     import sys
 
-    rng = np.random.default_rng(0)
-    path = tmp_path / "site.npz"
-    np.savez(path, x=rng.random((40, 1, 8, 8), dtype=np.float32), y=rng.integers(0, 10, 40))
     script = f"""
 import sys
 from benchmarks.inprocess import _set_task_identity
@@ -161,7 +158,7 @@ from task.data import data_spec
 from task.models import build_model
 from task.params import model_to_record
 _set_task_identity()
-ctx = _context({{"data-path": {str(path)!r}}}, model="logreg", **{{"local-epochs": 1}})
+ctx = _context({node_config!r}, model="logreg", **{{"local-epochs": 1}})
 cfg = parse_run_config(ctx.run_config)
 arrays = model_to_record(build_model(cfg, data_spec(cfg)))
 out = train(_instruction(MessageType.TRAIN, arrays), ctx)
@@ -171,4 +168,19 @@ print(sorted(m for m in ("datasets", "flwr_datasets", "sklearn") if m in sys.mod
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[-2] == "[]"
+    return ast.literal_eval(done.stdout.strip().split("\n")[-1])
+
+
+def test_a_fresh_clientapp_process_imports_no_data_library_it_does_not_need(tmp_path):
+    """Each deployment message starts a fresh ClientApp process: `datasets` and `flwr_datasets`
+    (seconds of imports) must not be loaded by a node that trains on its own file, nor by a
+    partition node once its partition is in its state-dir."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "site.npz"
+    np.savez(path, x=rng.random((40, 1, 8, 8), dtype=np.float32), y=rng.integers(0, 10, 40))
+    assert _data_libraries_loaded_by_a_fresh_process({"data-path": str(path)}) == []
+
+    node = {"partition-id": 1, "num-partitions": 4, "state-dir": str(tmp_path / "state")}
+    assert _data_libraries_loaded_by_a_fresh_process(node) == ["datasets", "flwr_datasets", "sklearn"]
+    assert len(list((tmp_path / "state" / "partitions").iterdir())) == 1
+    assert _data_libraries_loaded_by_a_fresh_process(node) == []

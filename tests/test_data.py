@@ -589,3 +589,38 @@ def test_check_fits_refuses_labels_out_of_range(labels, span):
     data = D.ArrayData(np.zeros((3, 64), np.float32), np.array(labels, np.int64))
     message = _config_error(D.check_fits, data, DIGITS_SPEC, "node 2")
     assert message == f"node 2: labels span {span} but the model has 10 classes"
+
+
+# ----------------------------------------------------------------------------- partition cache
+
+
+def test_cached_partition_is_the_partition_and_is_read_back(tmp_path, monkeypatch):
+    cfg = parse_run_config({"partitioner": "dirichlet", "dirichlet-alpha": 0.3, "seed": 4})
+    node = {"partition-id": 2, "num-partitions": 5}
+    fresh = D.node_train_data(cfg, node)
+    cached = D.node_train_data(cfg, node, tmp_path)
+    assert np.array_equal(cached.x, fresh.x) and np.array_equal(cached.y, fresh.y)
+    [file] = tmp_path.iterdir()
+    monkeypatch.setattr(D, "partition", lambda *a: pytest.fail("partitioned again"))
+    again = D.node_train_data(cfg, node, tmp_path)
+    assert np.array_equal(again.x, fresh.x) and np.array_equal(again.y, fresh.y)
+    assert [p.name for p in tmp_path.iterdir()] == [file.name]
+
+
+def test_partition_cache_keys_on_every_setting_and_rebuilds_a_bad_file(tmp_path):
+    base = {"partitioner": "dirichlet", "dirichlet-alpha": 0.3, "seed": 4}
+    node = {"partition-id": 0, "num-partitions": 3}
+    for change in ({}, {"seed": 5}, {"dirichlet-alpha": 0.4}, {"test-fraction": 0.3},
+                   {"dataset": "synthetic"}, {"partitioner": "iid"}):
+        D.node_train_data(parse_run_config(base | change), node, tmp_path)
+    D.node_train_data(parse_run_config(base), {"partition-id": 1, "num-partitions": 3}, tmp_path)
+    assert len(list(tmp_path.iterdir())) == 7
+    cfg = parse_run_config(base)
+    path = tmp_path / f"{D._partition_key(cfg, 0, 3)}.npz"
+    path.write_bytes(b"not a zip file")
+    rebuilt = D.node_train_data(cfg, node, tmp_path)
+    assert np.array_equal(rebuilt.y, D.node_train_data(cfg, node).y)
+    with np.load(path) as npz:
+        assert np.array_equal(npz["y"], rebuilt.y)
+    with pytest.raises(ConfigError, match="outside"):
+        D.node_train_data(cfg, {"partition-id": 3, "num-partitions": 3}, tmp_path)
