@@ -473,6 +473,7 @@ def run_in_process(overrides: dict[str, Any], num_nodes: int) -> tuple[dict, dic
     import client_app.fedpa
     import server_app.app as server
     from benchmarks.inprocess import InProcessGrid, default_run_config
+    from server_app.outputs import RunOutputs
     from strategies import STRATEGIES
     from task.config import parse_run_config
 
@@ -502,6 +503,9 @@ def run_in_process(overrides: dict[str, Any], num_nodes: int) -> tuple[dict, dic
             stack.enter_context(_patched(module, "train_epochs", timers.timed("local_training", module.train_epochs)))
         for name in ("evaluate_mean", "evaluate_bma"):
             stack.enter_context(_patched(server, name, timers.timed("server_evaluation", getattr(server, name))))
+        # Written after each round's `seconds` is taken: results.json and the checkpoint.
+        stack.enter_context(_patched(server, "save_checkpoint", timers.timed("persist", server.save_checkpoint)))
+        stack.enter_context(_patched(RunOutputs, "add_round", timers.timed("persist", RunOutputs.add_round)))
         stack.enter_context(_patched(strategy_cls, "aggregate_train",
                                      timers.timed("aggregation", strategy_cls.aggregate_train)))
         configure = timers.timed("configure", strategy_cls.configure_train)
@@ -533,6 +537,8 @@ def split_row(label: dict[str, Any], mode: str, entry: dict, timers: dict | None
             "configure_seconds": timers.get("configure", 0.0),
         }
         parts["loop_other_seconds"] = seconds - local_training - sum(parts.values())
+        # Not in the round's seconds: written after them, once per round.
+        parts["persist_seconds"] = timers.get("persist", 0.0)
         row |= parts
     return row
 
@@ -681,7 +687,7 @@ def summarize_rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per strategy and mode: medians over the rounds after the first (round 1 warms caches)."""
     keys = ["round_seconds", "local_training_seconds", "everything_else_seconds",
             "everything_else_vs_local", "client_handler_other_seconds", "server_evaluation_seconds",
-            "aggregation_seconds", "configure_seconds", "loop_other_seconds"]
+            "aggregation_seconds", "configure_seconds", "loop_other_seconds", "persist_seconds"]
     out = []
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for row in rows:
