@@ -772,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; "
                              "--quick leaves out simulation and deployment)")
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # the Flower apps it runs write there from other folders
     settings = QUICK if args.quick else FULL
     # --quick leaves out the real Flower runs: each takes a minute before its first round ends.
     default = [s for s in SECTIONS if not (args.quick and s in ("simulation", "deployment"))]
