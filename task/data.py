@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from task.config import ConfigError, RunConfig
+from task.files import save_npz
 
 # `datasets` and `flwr_datasets` are imported where they are used: together they take seconds
 # to import (pyarrow, pandas, and seaborn and scipy through flwr_datasets' plots), which a
@@ -230,9 +231,9 @@ def partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> ArrayDa
     """Partition `partition_id` of `num_partitions` of the training pool."""
     _check_partition_id(partition_id, num_partitions)
     if cfg.dataset in OFFLINE_SOURCES:
-        rows = _offline_partitioner(cfg, num_partitions).load_partition(partition_id)["row"]
+        part = _offline_partitioner(cfg, num_partitions).load_partition(partition_id)
+        rows = np.asarray(part["row"], dtype=np.int64)
         pool, _ = _offline_split(cfg)
-        rows = np.asarray(rows, dtype=np.int64)
         return ArrayData(pool.x[rows], pool.y[rows])
     part = _federated_dataset(cfg, num_partitions).load_partition(partition_id, "train")
     return dataset_to_arrays(part)
@@ -304,8 +305,6 @@ def node_train_data(
             return ArrayData(npz["x"], npz["y"])
     except Exception:  # absent, or unreadable (a crash mid-write cannot leave one: writes are atomic)
         data = partition(cfg, pid, n)
-    from task.files import save_npz
-
     save_npz(path, {"x": data.x, "y": data.y})
     return data
 
@@ -318,7 +317,8 @@ PARTITION_KEYS = (
 
 
 def _partition_key(cfg: RunConfig, partition_id: int, num_partitions: int) -> str:
-    settings = {k: cfg.to_dict()[k] for k in PARTITION_KEYS}
+    config = cfg.to_dict()
+    settings = {k: config[k] for k in PARTITION_KEYS}
     settings |= {"partition-id": partition_id, "num-partitions": num_partitions}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
 
