@@ -15,10 +15,11 @@ from logging import INFO
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 
 from task.files import save_npz
+from task.params import numpy_to_record, record_to_numpy
 
 STATE_ARRAYS = "client-state"
 STATE_META = "client-state-meta"
@@ -57,7 +58,7 @@ class ClientState:
         """The newest saved arrays: memory, or the disk copy when memory is empty or older."""
         memory_round, memory = -1, {}
         if STATE_ARRAYS in self.context.state.array_records:
-            memory = {k: v.numpy() for k, v in self.context.state.array_records[STATE_ARRAYS].items()}
+            memory = record_to_numpy(self.context.state.array_records[STATE_ARRAYS])
             memory_round = int(self.context.state.config_records[STATE_META]["round"])
         if self.path is not None and self.path.exists():
             disk_round, arrays = read_state_file(self.path)
@@ -75,9 +76,7 @@ class ClientState:
         if self.path is not None:
             save_npz(self.path, {ROUND_KEY: np.int64(server_round), **arrays})
         # Memory last: a failed disk write leaves both copies as they were.
-        self.context.state[STATE_ARRAYS] = ArrayRecord(
-            {k: Array(np.asarray(v)) for k, v in arrays.items()}
-        )
+        self.context.state[STATE_ARRAYS] = numpy_to_record(arrays)
         self.context.state[STATE_META] = ConfigRecord({"round": server_round})
 
     def clear(self) -> None:

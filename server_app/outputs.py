@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord
 
 from task.config import RunConfig
 from task.files import save_npz, write_atomic
+from task.params import record_to_numpy
 
 RESULTS, PLOT, MODEL, POSTERIOR = "results.json", "metrics.png", "model.npz", "posterior.npz"
 
@@ -61,8 +62,8 @@ class RunOutputs:
 
 def save_posterior(path: Path, mean: ArrayRecord, precision: ArrayRecord) -> None:
     """The global Gaussian N(mean, diag(precision)^-1) as arrays `mean/<key>`, `precision/<key>`."""
-    arrays = {f"mean/{k}": v.numpy() for k, v in mean.items()}
-    arrays |= {f"precision/{k}": v.numpy() for k, v in precision.items()}
+    arrays = {f"mean/{k}": v for k, v in record_to_numpy(mean).items()}
+    arrays |= {f"precision/{k}": v for k, v in record_to_numpy(precision).items()}
     save_npz(path, arrays)
 
 

@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import Strategy
 
 from strategies import records
 from task.config import RunConfig
+from task.params import decode_array
 
 
 class NotEnoughNodes(RuntimeError):
@@ -139,7 +140,10 @@ class FederatedStrategy(Strategy):
             if set(record.keys()) != set(shapes):
                 return f"ArrayRecord '{name}' has keys {sorted(record.keys())}, expected {sorted(shapes)}"
             for key, shape in shapes.items():
-                array = record[key].numpy()
+                try:
+                    array = decode_array(record[key])
+                except ValueError as error:
+                    return f"'{name}/{key}' cannot be decoded: {error}"
                 if tuple(array.shape) != tuple(shape):
                     return f"'{name}/{key}' has shape {array.shape}, expected {shape}"
                 if not np.issubdtype(array.dtype, np.floating):

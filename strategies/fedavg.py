@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from strategies import records
 from strategies.base import FederatedStrategy, weighted_metrics
 from task.config import RunConfig
-from task.params import numpy_to_record, record_to_numpy
+from task.params import decode_array, numpy_to_record, record_to_numpy
 
 Arrays = list[np.ndarray]
 
@@ -139,7 +139,7 @@ class FedAvg(FederatedStrategy):
     def __init__(self, cfg: RunConfig, initial_arrays: ArrayRecord) -> None:
         super().__init__(cfg, initial_arrays)
         self.keys = list(initial_arrays.keys())
-        self.params: Arrays = [initial_arrays[k].numpy() for k in self.keys]
+        self.params: Arrays = [decode_array(initial_arrays[k]) for k in self.keys]
         self.momentum_buffer: Arrays | None = None
 
     def state_dict(self):
@@ -158,12 +158,12 @@ class FedAvg(FederatedStrategy):
 
     def client_delta(self, arrays: ArrayRecord) -> Arrays:
         """A FedAvg client sends its weights; its delta is their displacement."""
-        return [arrays[k].numpy() - p for k, p in zip(self.keys, self.params)]
+        return [decode_array(arrays[k]) - p for k, p in zip(self.keys, self.params)]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.params = [arrays[k].numpy() for k in self.keys]
+        self.params = [decode_array(arrays[k]) for k in self.keys]
         nodes = self.sample_nodes(grid, self.cfg.fraction_train, self.cfg.min_train_nodes)
         content = RecordDict(
             {records.ARRAYS: arrays, records.CONFIG: self.round_config(server_round, config)}

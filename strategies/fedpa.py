@@ -11,8 +11,9 @@ from __future__ import annotations
 from flwr.app import ArrayRecord
 
 from strategies.fedavg import Arrays, FedAvg
+from task.params import decode_array
 
 
 class FedPA(FedAvg):
     def client_delta(self, arrays: ArrayRecord) -> Arrays:
-        return [arrays[k].numpy() for k in self.keys]
+        return [decode_array(arrays[k]) for k in self.keys]

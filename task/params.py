@@ -2,24 +2,91 @@
 
 from __future__ import annotations
 
+import functools
+import io
+import math
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
 from torch import nn
+
+# Flower's Array holds a .npy file. Writing and parsing its header (a Python dict literal) is
+# most of what `Array(ndarray)` and `Array.numpy()` cost on a small array, and a federation sends
+# the same few headers (one per model tensor) in every message: each distinct one is made once.
+_NPY_V1_MAGIC = b"\x93NUMPY\x01\x00"
+
+
+def encode_array(ndarray: np.ndarray) -> Array:
+    """The array in C order as a Flower Array: `Array(ndarray)`, byte for byte, for an array
+    that is C-contiguous already."""
+    ndarray = np.asarray(ndarray)
+    if not ndarray.flags.c_contiguous:  # then ndim >= 1, which np.ascontiguousarray keeps
+        ndarray = np.ascontiguousarray(ndarray)
+    header = _npy_v1_header(ndarray.dtype, ndarray.shape)
+    if header is None:  # a header np.save writes in another format version, or pickles: let it
+        return Array(ndarray)
+    return Array(
+        dtype=str(ndarray.dtype), shape=tuple(ndarray.shape), stype=SType.NUMPY,
+        data=header + ndarray.tobytes(),
+    )
+
+
+def decode_array(array: Array) -> np.ndarray:
+    """`array.numpy()`: a new writable array; ValueError if the Array is not a plain .npy array
+    (its bytes come from another node and may be anything)."""
+    data = array.data
+    if array.stype == SType.NUMPY and data[:8] == _NPY_V1_MAGIC and len(data) >= 10:
+        end = 10 + int.from_bytes(data[8:10], "little")
+        layout = _npy_v1_layout(bytes(data[:end]))
+        if layout is not None:
+            dtype, shape, count = layout
+            if len(data) == end + count * dtype.itemsize:
+                return np.frombuffer(data, dtype, count, end).reshape(shape).copy()
+    try:  # anything unusual: numpy's own reader, and its verdict
+        return array.numpy()
+    except Exception as error:
+        raise ValueError(f"not a readable numpy array ({type(error).__name__}: {error})") from error
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_v1_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes | None:
+    if dtype.hasobject:
+        return None
+    buffer = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    try:
+        np.lib.format.write_array_header_1_0(buffer, header)
+    except ValueError:  # too long for format 1.0: np.save moves on to 2.0
+        return None
+    return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_v1_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], int] | None:
+    try:
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(io.BytesIO(header[8:]))
+    except Exception:
+        return None
+    if fortran_order or dtype.hasobject:
+        return None
+    return dtype, shape, math.prod(shape)
 
 
 def model_to_record(model: nn.Module) -> ArrayRecord:
-    return ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in model.state_dict().items()})
+    return ArrayRecord(
+        {k: encode_array(v.detach().cpu().numpy()) for k, v in model.state_dict().items()}
+    )
 
 
 def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: record[k].numpy() for k in record.keys()}
+    return {k: decode_array(record[k]) for k in record.keys()}
 
 
 def numpy_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return ArrayRecord({k: encode_array(v) for k, v in arrays.items()})
 
 
 def load_record(model: nn.Module, record: ArrayRecord) -> None:

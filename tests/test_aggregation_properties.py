@@ -21,6 +21,7 @@ float64), mismatched shapes, and empty sets of replies. What these tests pin dow
 
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -585,7 +586,7 @@ def test_cosine_lr_decays_from_lr0_within_zero_and_lr0(lr0, rounds):
 MODEL = {"w": (3, 2), "b": (2,)}
 INVALID = [
     "nan", "inf", "shape", "keys", "missing-record", "missing-count", "int-dtype",
-    "float-dtype", "count", "error",
+    "float-dtype", "count", "error", "undecodable",
 ]
 
 
@@ -677,11 +678,29 @@ def invalid_content(draw, name, kind):
         record[key] = record[key].astype(integer)
     elif kind == "float-dtype":
         record[key] = record[key].astype(draw(st.sampled_from([np.float16, np.float64])))
+    elif kind == "undecodable":
+        record[key] = draw(undecodable_array(record[key]))
     elif kind == "count":
         content[records.METRICS][records.NUM_EXAMPLES] = draw(
             st.sampled_from([0, -1, -(10**6), 0.0, 10.0, 2.5, -3.0])
         )
     return content
+
+
+@st.composite
+def undecodable_array(draw, array):
+    """An Array with the right dtype and shape fields whose bytes are no .npy file of them."""
+    data = Array(array).data
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([None] * array.size, dtype=object), allow_pickle=True)
+    data = draw(st.sampled_from([
+        b"",
+        draw(st.binary(min_size=1, max_size=64)),  # not .npy at all
+        data[: draw(st.integers(0, len(data) - 1))],  # cut short
+        data[:8] + b"\xff\xff" + data[10:],  # a header length past the end
+        buffer.getvalue(),  # pickled objects, which must never be loaded
+    ]))
+    return Array(dtype=str(array.dtype), shape=array.shape, stype="numpy.ndarray", data=data)
 
 
 def to_records(content) -> RecordDict:
@@ -690,7 +709,10 @@ def to_records(content) -> RecordDict:
         if name == records.METRICS:
             out[name] = MetricRecord(value)
         else:
-            out[name] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in value.items()})
+            out[name] = ArrayRecord({
+                k: v if isinstance(v, Array) else Array(np.ascontiguousarray(v))
+                for k, v in value.items()
+            })
     return RecordDict(out)
 
 

@@ -1,0 +1,125 @@
+"""The Array codec (`encode_array`, `decode_array`) against Flower's and numpy's own."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from flwr.app import Array
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from task.params import decode_array, encode_array
+
+DTYPES = st.sampled_from([
+    np.float16, np.float32, np.float64, ">f4", ">f8", np.int8, np.int32, np.int64, np.uint16,
+    np.bool_, np.complex64, np.complex128, "<U3", "S2", [("a", "<f4"), ("b", ">i2")],
+])
+SHAPES = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)
+
+
+def assert_same_array(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    assert actual.tobytes() == expected.tobytes()
+    assert actual.flags.writeable and actual.flags.c_contiguous
+
+
+@settings(max_examples=300, deadline=None)
+@given(hnp.arrays(DTYPES, SHAPES))
+def test_encode_writes_the_bytes_flower_writes(array):
+    ours, flowers = encode_array(array), Array(array)
+    assert (ours.dtype, ours.shape, ours.stype, ours.data) == (
+        flowers.dtype, flowers.shape, flowers.stype, flowers.data
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(hnp.arrays(DTYPES, SHAPES))
+def test_decode_reads_what_numpy_reads(array):
+    encoded = Array(array)
+    assert_same_array(decode_array(encoded), encoded.numpy())
+    assert_same_array(decode_array(encoded), array)
+
+
+def test_decoded_arrays_are_copies_that_share_nothing():
+    encoded = encode_array(np.arange(6.0).reshape(2, 3))
+    first = decode_array(encoded)
+    first[0, 0] = 99.0
+    assert decode_array(encoded)[0, 0] == 0.0
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+        np.arange(24, dtype=np.float32).reshape(2, 3, 4)[:, ::2, 1:],
+        np.arange(10)[::3],
+    ],
+    ids=["fortran-order", "strided-3d", "strided-1d"],
+)
+def test_a_non_contiguous_array_is_written_in_c_order(array):
+    encoded = encode_array(array)
+    assert encoded.data == Array(np.ascontiguousarray(array)).data
+    assert_same_array(decode_array(encoded), np.ascontiguousarray(array))
+
+
+def test_a_zero_dimensional_array_keeps_its_shape():
+    assert decode_array(encode_array(np.int64(7))).shape == ()
+    assert decode_array(encode_array(np.array(2.5))).shape == ()
+
+
+def npy_bytes(array: np.ndarray, version: tuple[int, int] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    if version is None:
+        np.save(buffer, array)
+    else:
+        np.lib.format.write_array(buffer, array, version=version)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        npy_bytes(np.asfortranarray(np.arange(6.0).reshape(2, 3))),
+        npy_bytes(np.arange(6.0).reshape(2, 3), version=(2, 0)),
+        npy_bytes(np.arange(6.0).reshape(2, 3), version=(3, 0)),
+        npy_bytes(np.arange(6.0).reshape(2, 3)) + b"trailing bytes",
+    ],
+    ids=["fortran-order", "format-2.0", "format-3.0", "trailing-bytes"],
+)
+def test_other_valid_npy_files_decode_as_numpy_decodes_them(data):
+    decoded = decode_array(Array(dtype="float64", shape=(2, 3), stype="numpy.ndarray", data=data))
+    assert decoded.dtype == np.float64 and decoded.flags.writeable
+    np.testing.assert_array_equal(decoded, np.arange(6.0).reshape(2, 3), strict=True)
+
+
+def pickled_objects() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([None, 1], dtype=object), allow_pickle=True)
+    return buffer.getvalue()
+
+
+GOOD = npy_bytes(np.arange(6.0).reshape(2, 3))
+
+
+@pytest.mark.parametrize(
+    "data, stype",
+    [
+        (b"", "numpy.ndarray"),
+        (b"not a numpy file", "numpy.ndarray"),
+        (GOOD[:-1], "numpy.ndarray"),
+        (GOOD[:20], "numpy.ndarray"),
+        (GOOD[:8] + b"\xff\xff" + GOOD[10:], "numpy.ndarray"),
+        (GOOD.replace(b"'shape': (2, 3)", b"'shape': (2, 9)"), "numpy.ndarray"),
+        (GOOD.replace(b"'descr': '<f8'", b"'descr': 'zz'"), "numpy.ndarray"),
+        (pickled_objects(), "numpy.ndarray"),
+        (GOOD, "torch.tensor"),
+    ],
+    ids=["empty", "garbage", "one-byte-short", "header-cut", "header-length-past-end",
+         "shape-beyond-data", "unknown-dtype", "pickled-objects", "other-stype"],
+)
+def test_bytes_that_are_not_a_plain_npy_array_raise_value_error(data, stype):
+    with pytest.raises(ValueError, match="not a readable numpy array"):
+        decode_array(Array(dtype="float64", shape=(2, 3), stype=stype, data=data))
