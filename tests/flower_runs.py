@@ -70,15 +70,46 @@ class LocalFederation:
         logs = self.flwr("log", str(run_id), "--show").stdout
         return FlowerRun(run_id, status, logs)
 
-    def stop(self) -> None:
-        """Kill the background SuperLink (and its children) that `flwr run` started for us."""
-        out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            pid, _, args = line.strip().partition(" ")
-            if str(self.home) in args and "flower-superlink" in args:
+    def stop(self, grace: float = 10.0) -> None:
+        """Kill the background SuperLink (and its children) that `flwr run` started for us:
+        SIGTERM to its process group, SIGKILL to what is left after `grace` seconds."""
+        pids = self.superlink_pids()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
                 try:
-                    os.killpg(os.getpgid(int(pid)), signal.SIGTERM)
+                    os.killpg(os.getpgid(pid), sig)
                 except ProcessLookupError:
                     pass
                 except PermissionError:
-                    os.kill(int(pid), signal.SIGTERM)
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + grace
+            while pids and time.monotonic() < deadline:
+                time.sleep(0.1)
+                pids = [pid for pid in pids if _alive(pid)]
+            if not pids:
+                return
+        raise RuntimeError(f"SuperLink processes {pids} of {self.home} survived SIGKILL")
+
+    def superlink_pids(self) -> list[int]:
+        # -ww: whole command lines; ps otherwise cuts them at $COLUMNS, and the home is far in
+        out = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+        pids = []
+        for line in out.splitlines():
+            pid, _, args = line.strip().partition(" ")
+            if str(self.home) in args and "flower-superlink" in args:
+                pids.append(int(pid))
+        return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers signal 0: it is dead once it has exited.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True
