@@ -85,7 +85,7 @@ class LocalFederation:
             deadline = time.monotonic() + grace
             while pids and time.monotonic() < deadline:
                 time.sleep(0.1)
-                pids = [pid for pid in pids if _alive(pid)]
+                pids = self.superlink_pids()  # a killed one is gone, or a nameless zombie
             if not pids:
                 return
         raise RuntimeError(f"SuperLink processes {pids} of {self.home} survived SIGKILL")
@@ -100,16 +100,3 @@ class LocalFederation:
                 pids.append(int(pid))
         return pids
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers signal 0: it is dead once it has exited.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return True
