@@ -22,7 +22,7 @@ from pydantic import (
 
 StrategyName = Literal["fedavg", "fedpa", "bayes-admm"]
 OptimizerName = Literal["sgd", "ivon"]
-PartitionerName = Literal["iid", "dirichlet", "pathological"]
+PartitionerName = Literal["iid", "dirichlet", "pathological", "natural-id"]
 ModelName = Literal["logreg", "mlp", "cnn"]
 
 
@@ -58,6 +58,7 @@ class RunConfig(BaseModel):
     partitioner: PartitionerName = "dirichlet"
     dirichlet_alpha: float = Field(0.5, gt=0)
     classes_per_client: Count = Field(2, ge=1)
+    partition_by: str = ""
     test_fraction: float = Field(0.2, gt=0, lt=1)
     model: ModelName = "mlp"
     mlp_hidden: str = "200,100"
@@ -104,6 +105,12 @@ class RunConfig(BaseModel):
         if not parts or not all(p.isdecimal() and p.isascii() and int(p) > 0 for p in parts):
             raise ValueError("must be a comma-separated list of positive integers, e.g. '200,100'")
         return ",".join(parts)
+
+    @model_validator(mode="after")
+    def _natural_id_names_its_column(self) -> "RunConfig":
+        if self.partitioner == "natural-id" and not self.partition_by:
+            raise ValueError("partitioner 'natural-id' needs 'partition-by', the id column to split by")
+        return self
 
     @model_validator(mode="after")
     def _bayes_admm_client_fits_its_posterior(self) -> "RunConfig":
