@@ -257,13 +257,19 @@ def data_spec(cfg: RunConfig) -> DataSpec:
 
 
 def _num_classes(cfg: RunConfig, test: ArrayData) -> int:
+    names = class_names(cfg)
+    return len(names) if names is not None else int(test.y.max()) + 1
+
+
+def class_names(cfg: RunConfig) -> list[str] | None:
+    """The label names of a data set whose label column is a ClassLabel, else None."""
+    if cfg.dataset in OFFLINE_SOURCES:
+        return None
     from datasets import ClassLabel
 
     features = _federated_dataset(cfg, 1).load_split("test").features
-    label = _label_column(list(features))
-    if isinstance(features[label], ClassLabel):
-        return features[label].num_classes
-    return int(test.y.max()) + 1
+    label = features[_label_column(list(features))]
+    return list(label.names) if isinstance(label, ClassLabel) else None
 
 
 def partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> ArrayData:
@@ -410,14 +416,27 @@ def dataset_to_arrays(ds: Dataset) -> ArrayData:
     return _as_array_data(np.asarray(columns[inputs]), np.asarray(columns[label]))
 
 
-def _as_array_data(x: np.ndarray, y: np.ndarray) -> ArrayData:
+# How raw inputs become model inputs; a run records it (model.json) so prediction repeats it.
+PREPROCESSING = {
+    "uint8-divisor": 255.0,  # uint8 pixels are divided by it: [0, 255] -> [0, 1]
+    "layout": "channels-first",  # N x H x W gains a channel axis; N x H x W x C (C 1 or 3) moves C
+}
+
+
+def model_inputs(x: np.ndarray, uint8_divisor: float = PREPROCESSING["uint8-divisor"]) -> np.ndarray:
+    """Raw inputs as the models take them: float32, uint8 pixels scaled, images channels-first."""
+    x = np.asarray(x)
     if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0
+        x = x.astype(np.float32) / np.float32(uint8_divisor)
     x = x.astype(np.float32)
     if x.ndim == 3:  # grey images N x H x W
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):  # N x H x W x C
         x = x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x)
+
+
+def _as_array_data(x: np.ndarray, y: np.ndarray) -> ArrayData:
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise ConfigError(f"labels must be a 1-D integer array, got {y.dtype} of shape {y.shape}")
-    return ArrayData(np.ascontiguousarray(x), y.astype(np.int64))
+    return ArrayData(model_inputs(x), y.astype(np.int64))
