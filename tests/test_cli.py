@@ -167,3 +167,11 @@ def test_bayesfl_run_simulates_a_preset_with_overrides(tmp_path):
     assert results["status"] == "completed" and len(results["rounds"]) == 2
     assert results["config"]["dirichlet-alpha"] == 0.1 and results["config"]["model"] == "logreg"
     assert (out / "model.json").exists()
+
+
+def test_console_federation_and_certs_call_the_project_scripts(tmp_path):
+    done = _bayesfl("federation", "--help")
+    assert done.returncode == 0 and "start" in done.stdout and "stop" in done.stdout
+    done = _bayesfl("certs", str(tmp_path / "certs"), "superlink.example.org")
+    assert done.returncode == 0, done.stderr
+    assert {"ca.crt", "server.pem", "server.key"} <= {p.name for p in (tmp_path / "certs").iterdir()}
