@@ -2,8 +2,11 @@
 
 Offline sources (`digits`, `synthetic`) are built as a local `datasets.Dataset` and split with
 flwr-datasets partitioners; any other `dataset` name goes to flwr-datasets' `FederatedDataset`
-(a Hugging Face id such as `mnist`, or a local folder of data files). A node with its own data
-sets `data-path` in its node config (a `.npz` with arrays `x`, `y`, or a `save_to_disk` folder).
+(a Hugging Face id such as `mnist`, or a local folder of data files): the server keeps its
+`test` split (carved from `train` when there is none) and the partitioner (by label, or by an
+id column with `natural-id`) spreads its `train` split over the clients. A node with its own
+data sets `data-path` in its node config (a `.npz` with arrays `x`, `y`, or a `save_to_disk`
+folder).
 Everything is deterministic given the run config's `seed`.
 """
 
@@ -193,7 +196,9 @@ def _federated_dataset(cfg: RunConfig, num_partitions: int) -> FederatedDataset:
     """
     from flwr_datasets import FederatedDataset
 
-    def federated(partitioner: Partitioner | int, preprocessor: Divider | None = None) -> FederatedDataset:
+    def federated(
+        partitioner: Partitioner | int, preprocessor: Divider | None = None
+    ) -> FederatedDataset:
         return FederatedDataset(
             dataset=cfg.dataset, preprocessor=preprocessor, partitioners={"train": partitioner},
             seed=cfg.seed,
