@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Sets up, then simulates the default federation: 10 clients on a heterogeneous split of the
 # digits data (Dirichlet 0.5), FedAvg, with results written under outputs/.
-# Extra arguments go to `flwr run` (e.g. --run-config "strategy='fedavg' num-server-rounds=5").
+#
+#   bash scripts/run_federation.sh [--preset FILE.toml] [--run-config "key=value ..."] [flwr run options]
+#
+# e.g. --preset presets/fedpa-digits.toml --run-config "num-server-rounds=5". The preset and the
+# key=value pairs are merged (later ones win) and validated before anything starts; OUT (a
+# folder) and NUM_SUPERNODES (default 10) are read from the environment. Exits 0 only when the
+# run completed: results.json says "status": "completed" once every artifact is written.
+# `bayesfl run` (task/cli.py) does the work; this script first sets up .venv.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 source .venv/bin/activate
-# Use the installed environment instead of re-installing dependencies for every run.
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-OUT=${OUT:-$PWD/outputs/$(date +%Y%m%d-%H%M%S)-quickstart}
-flwr run . --stream --run-config "output-dir='$OUT'" --federation-config "num-supernodes=${NUM_SUPERNODES:-10}" "$@"
-if [ ! -f "$OUT/results.json" ]; then
-  echo "The run did not finish: see 'flwr ls' and 'flwr log <run-id> --show'." >&2
-  exit 1
+if [ -n "${OUT:-}" ]; then
+  set -- --run-config "output-dir='$OUT'" "$@"
 fi
-echo "Results: $OUT (results.json, metrics.png, model.npz)"
+exec bayesfl run "$@"

@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server_app.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
 from server_app.evaluation import evaluate_bma, evaluate_mean
-from server_app.outputs import MODEL, POSTERIOR, RunOutputs, save_posterior
+from server_app.outputs import POSTERIOR, RunOutputs, save_posterior
 from strategies import STRATEGIES, records
 from strategies.base import FederatedStrategy
 from task.config import ConfigError, RunConfig, parse_run_config
@@ -98,10 +98,11 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
         log(INFO, "%s", progress_line(entry, cfg.num_server_rounds))
 
     _announce_finish(grid, cfg, state_key)
-    outputs.save_arrays(MODEL, record_to_numpy(arrays))
+    outputs.save_model(record_to_numpy(arrays), spec, test)
     if (posterior := strategy.posterior()) is not None:
         save_posterior(outputs.dir / POSTERIOR, *posterior)
     outputs.plot()
+    outputs.mark_completed()
     log(INFO, "Results: %s", outputs.dir)
     return outputs
 

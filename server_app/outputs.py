@@ -1,4 +1,10 @@
-"""What every run leaves behind: results.json, metrics.png and the final global model."""
+"""What every run leaves behind: results.json, metrics.png and the final global model.
+
+The model is self-contained: model.json beside model.npz (and posterior.npz) records what
+prediction needs without the data set: input shape, classes, the network and the preprocessing
+that turned raw inputs into training inputs. results.json says `"status": "running"` until
+every artifact is written, then `"completed"`: a file left by a failed run never says so.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,16 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from task.config import RunConfig
+from task.data import PREPROCESSING, ArrayData, DataSpec, class_names
 from task.files import save_npz, write_atomic
 from task.params import record_to_numpy
 
 RESULTS, PLOT, MODEL, POSTERIOR = "results.json", "metrics.png", "model.npz", "posterior.npz"
+MODEL_CARD = "model.json"
+RUNNING, COMPLETED = "running", "completed"
+MODEL_CARD_FORMAT = 1
+# The run-config keys that decide the network's shape (the weights come from model.npz).
+ARCHITECTURE_KEYS = ("model", "mlp-hidden", "activation")
 
 
 def resolve_output_dir(cfg: RunConfig) -> Path:
@@ -34,7 +46,8 @@ def resolve_output_dir(cfg: RunConfig) -> Path:
 class RunOutputs:
     def __init__(self, cfg: RunConfig) -> None:
         self.dir = resolve_output_dir(cfg)
-        self.results: dict[str, Any] = {"config": cfg.to_dict(), "rounds": []}
+        self.cfg = cfg
+        self.results: dict[str, Any] = {"config": cfg.to_dict(), "status": RUNNING, "rounds": []}
 
     def continue_from(self, folder: Path, last_round: int) -> None:
         """Carry over the rounds up to the checkpoint from the run being resumed."""
@@ -55,9 +68,40 @@ class RunOutputs:
         save_npz(self.dir / name, arrays)
         return self.dir / name
 
+    def save_model(self, arrays: dict[str, np.ndarray], spec: DataSpec, test: ArrayData) -> Path:
+        """The final global model (model.npz) and what predicting with it needs (model.json)."""
+        card = model_card(self.cfg, spec, test)
+        self.save_arrays(MODEL, arrays)
+        write_atomic(self.dir / MODEL_CARD, json.dumps(card, indent=2).encode())
+        return self.dir / MODEL
+
+    def mark_completed(self) -> None:
+        """The last write of a run: every artifact is in place."""
+        self.results["status"] = COMPLETED
+        self.write_results()
+
     def plot(self) -> Path:
         plot_rounds(self.results["rounds"], self.dir / PLOT, self.results["config"]["strategy"])
         return self.dir / PLOT
+
+
+def model_card(cfg: RunConfig, spec: DataSpec, test: ArrayData) -> dict[str, Any]:
+    config = cfg.to_dict()
+    return {
+        "format": MODEL_CARD_FORMAT,
+        "strategy": cfg.strategy,
+        "dataset": cfg.dataset,
+        "input-shape": list(spec.input_shape),
+        "num-classes": spec.num_classes,
+        "class-names": class_names(cfg),
+        "architecture": {key: config[key] for key in ARCHITECTURE_KEYS},
+        # input-range: what the server's test inputs spanned after preprocessing; inputs far
+        # outside it were scaled some other way (e.g. digits' raw 0..16 pixels).
+        "preprocessing": {
+            **PREPROCESSING,
+            "input-range": [float(test.x.min()), float(test.x.max())] if len(test) else None,
+        },
+    }
 
 
 def save_posterior(path: Path, mean: ArrayRecord, precision: ArrayRecord) -> None:

@@ -22,7 +22,7 @@ from pydantic import (
 
 StrategyName = Literal["fedavg", "fedpa", "bayes-admm"]
 OptimizerName = Literal["sgd", "ivon"]
-PartitionerName = Literal["iid", "dirichlet", "pathological"]
+PartitionerName = Literal["iid", "dirichlet", "pathological", "natural-id"]
 ModelName = Literal["logreg", "mlp", "cnn"]
 
 
@@ -47,55 +47,131 @@ class RunConfig(BaseModel):
         allow_inf_nan=False,
     )
 
-    strategy: StrategyName = "fedavg"
-    optimizer: OptimizerName = "sgd"
-    num_server_rounds: Count = Field(20, ge=1)
-    # "digits", "synthetic", or a Hugging Face data set id read through flwr-datasets
-    # (e.g. "mnist", "fashion_mnist", "cifar10", or a local folder of data files).
-    dataset: str = Field("digits", min_length=1)
-    synthetic_alpha: float = Field(1.0, ge=0)
-    synthetic_beta: float = Field(1.0, ge=0)
-    partitioner: PartitionerName = "dirichlet"
-    dirichlet_alpha: float = Field(0.5, gt=0)
-    classes_per_client: Count = Field(2, ge=1)
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    model: ModelName = "mlp"
-    mlp_hidden: str = "200,100"
-    activation: Literal["relu", "sigmoid", "tanh"] = "relu"
-    local_epochs: Count = Field(5, ge=1)
-    batch_size: Count = Field(32, ge=1)
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    server_lr: float = Field(1.0, gt=0)
-    server_momentum: float = Field(0.0, ge=0, lt=1)
+    strategy: StrategyName = Field(
+        "fedavg", description="server method ([docs/ALGORITHMS.md](docs/ALGORITHMS.md))"
+    )
+    optimizer: OptimizerName = Field(
+        "sgd",
+        description="client optimizer (`bayes-admm` needs `ivon`, or `sgd` with "
+        '`posterior = "isotropic"`)',
+    )
+    num_server_rounds: Count = Field(20, ge=1, description="federated rounds")
+    dataset: str = Field(
+        "digits",
+        min_length=1,
+        description="`digits`, `synthetic`, a Hugging Face id read through flwr-datasets "
+        "(`mnist`, `cifar10`, ...) or a local folder of data files (see Data below)",
+    )
+    synthetic_alpha: float = Field(
+        1.0, ge=0, description="FedProx Synthetic(alpha, beta): spread of the devices' models"
+    )
+    synthetic_beta: float = Field(
+        1.0, ge=0, description="FedProx Synthetic(alpha, beta): spread of the devices' inputs"
+    )
+    partitioner: PartitionerName = Field(
+        "dirichlet",
+        description="how the training pool is split over clients (flwr-datasets); "
+        "`natural-id`: one client per value of `partition-by`",
+    )
+    dirichlet_alpha: float = Field(
+        0.5, gt=0, description="label skew of `dirichlet` (smaller = more skewed)"
+    )
+    classes_per_client: Count = Field(2, ge=1, description="labels per client for `pathological`")
+    partition_by: str = Field(
+        "",
+        description="`natural-id`: the id column (e.g. FEMNIST's `writer_id`); "
+        "num-partitions must equal its number of values",
+    )
+    test_fraction: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="share the server keeps as its test set, of an offline data set or of the "
+        "`train` split of one without a `test` split",
+    )
+    model: ModelName = Field("mlp", description="network (`cnn` needs image inputs)")
+    mlp_hidden: str = Field("200,100", description="MLP hidden widths, comma-separated positive ints")
+    activation: Literal["relu", "sigmoid", "tanh"] = Field("relu", description="hidden activation")
+    local_epochs: Count = Field(5, ge=1, description="epochs per round on each client")
+    batch_size: Count = Field(32, ge=1, description="client minibatch size")
+    lr: float = Field(0.1, gt=0, description="client learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="client SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, description="client SGD weight decay")
+    server_lr: float = Field(
+        1.0, gt=0, description="server learning rate (FedAvgM when != 1 or with momentum)"
+    )
+    server_momentum: float = Field(0.0, ge=0, lt=1, description="server momentum")
     # FedPA: server rounds of plain FedAvg before sampling, local epochs discarded as burn-in,
     # and the shrinkage rate of the covariance estimate (0: FedAvg on iterate averages).
-    burnin_rounds: Count = Field(10, ge=0)
-    local_burnin_epochs: Count = Field(1, ge=0)
-    shrinkage_rho: float = Field(0.1, ge=0)
+    burnin_rounds: Count = Field(
+        10, ge=0, description="FedPA: FedAvg rounds before posterior sampling starts"
+    )
+    local_burnin_epochs: Count = Field(
+        1, ge=0, description="FedPA: local epochs whose IASG samples are discarded"
+    )
+    shrinkage_rho: float = Field(
+        0.1, ge=0, description="FedPA: covariance shrinkage rate (0: FedAvg on iterate averages)"
+    )
     # BayesADMM: client penalty rho, dual damping gamma, likelihood temperature tau, prior
     # precision delta, a cosine learning-rate schedule over rounds, and the posterior family.
-    rho: float = Field(0.2, gt=0)
-    dual_damping: float = Field(0.1, gt=0, le=1)
-    temperature: float = Field(1.0, gt=0)
-    prior_precision: float = Field(1.0, gt=0)
-    cosine_lr: bool = True
-    posterior: Literal["diagonal", "isotropic"] = "diagonal"
-    eval_mc_samples: Count = Field(32, ge=1)
+    rho: float = Field(0.2, gt=0, description="BayesADMM: client penalty (inverse step size)")
+    dual_damping: float = Field(0.1, gt=0, le=1, description="BayesADMM: dual damping gamma")
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="BayesADMM and IVON: likelihood temperature tau (ess = N / (tau rho))",
+    )
+    prior_precision: float = Field(
+        1.0, gt=0, description="BayesADMM and IVON: prior N(0, 1/delta)"
+    )
+    cosine_lr: bool = Field(
+        True, description="BayesADMM: cosine learning-rate schedule over rounds"
+    )
+    posterior: Literal["diagonal", "isotropic"] = Field(
+        "diagonal",
+        description="BayesADMM: diagonal Gaussians, or unit covariance (classic federated ADMM)",
+    )
+    eval_mc_samples: Count = Field(
+        32, ge=1, description="BayesADMM: weight draws for Bayesian model averaging"
+    )
     # IVON (optimizer = "ivon", and the BayesADMM client).
-    hess_init: float = Field(0.1, gt=0)
-    beta2: float = Field(0.9998, gt=0, le=1)
-    mc_samples: Count = Field(1, ge=1)
-    fraction_train: float = Field(1.0, gt=0, le=1)
-    fraction_evaluate: float = Field(1.0, ge=0, le=1)
-    min_train_nodes: Count = Field(2, ge=1)
-    round_timeout: float = Field(600.0, gt=0)
-    seed: Count = Field(0, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    output_dir: str = ""
-    # A run folder (or checkpoint.npz) to continue from its last completed round.
-    resume_from: str = ""
+    hess_init: float = Field(0.1, gt=0, description="IVON: initial Hessian h0")
+    beta2: float = Field(0.9998, gt=0, le=1, description="IVON: Hessian EMA rate")
+    mc_samples: Count = Field(1, ge=1, description="IVON: weight samples per step")
+    fraction_train: float = Field(
+        1.0, gt=0, le=1, description="share of connected nodes sampled per round"
+    )
+    fraction_evaluate: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="share of nodes asked for client-side evaluation (0: none)",
+    )
+    min_train_nodes: Count = Field(
+        2,
+        ge=1,
+        description="fewest nodes to sample, and fewest valid replies to update the model",
+    )
+    round_timeout: float = Field(
+        600.0,
+        gt=0,
+        description="seconds to wait for replies in a round (late replies are dropped)",
+    )
+    seed: Count = Field(
+        0, ge=0, description="seeds data splits, model init, sampling and local training"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="`auto` uses CUDA when present"
+    )
+    output_dir: str = Field(
+        "",
+        description="where outputs go; empty: a fresh `outputs/<timestamp>-<strategy>` folder",
+    )
+    resume_from: str = Field(
+        "",
+        description="a run folder (or its checkpoint.npz) to continue from its last completed "
+        "round ([docs/RELIABILITY.md](docs/RELIABILITY.md))",
+    )
 
     @field_validator("mlp_hidden")
     @classmethod
@@ -104,6 +180,12 @@ class RunConfig(BaseModel):
         if not parts or not all(p.isdecimal() and p.isascii() and int(p) > 0 for p in parts):
             raise ValueError("must be a comma-separated list of positive integers, e.g. '200,100'")
         return ",".join(parts)
+
+    @model_validator(mode="after")
+    def _natural_id_names_its_column(self) -> "RunConfig":
+        if self.partitioner == "natural-id" and not self.partition_by:
+            raise ValueError("partitioner 'natural-id' needs 'partition-by', the id column to split by")
+        return self
 
     @model_validator(mode="after")
     def _bayes_admm_client_fits_its_posterior(self) -> "RunConfig":

@@ -2,8 +2,11 @@
 
 Offline sources (`digits`, `synthetic`) are built as a local `datasets.Dataset` and split with
 flwr-datasets partitioners; any other `dataset` name goes to flwr-datasets' `FederatedDataset`
-(a Hugging Face id such as `mnist`, or a local folder of data files). A node with its own data
-sets `data-path` in its node config (a `.npz` with arrays `x`, `y`, or a `save_to_disk` folder).
+(a Hugging Face id such as `mnist`, or a local folder of data files): the server keeps its
+`test` split (carved from `train` when there is none) and the partitioner (by label, or by an
+id column with `natural-id`) spreads its `train` split over the clients. A node with its own
+data sets `data-path` in its node config (a `.npz` with arrays `x`, `y`, or a `save_to_disk`
+folder).
 Everything is deterministic given the run config's `seed`.
 """
 
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from flwr_datasets import FederatedDataset
     from flwr_datasets.partitioner import Partitioner
+    from flwr_datasets.preprocessor import Divider
 
 LABEL_COLUMNS = ("label", "labels", "fine_label", "character", "y")
 INPUT_COLUMNS = ("x", "image", "img", "pixels", "features")
@@ -119,6 +123,10 @@ def _offline_split(cfg: RunConfig) -> tuple[ArrayData, ArrayData]:
     """The training pool the clients' partitions come from, and the server's test set."""
     from sklearn.model_selection import train_test_split
 
+    if cfg.partitioner == "natural-id":
+        raise ConfigError(
+            f"partitioner 'natural-id' needs a data set with an id column; '{cfg.dataset}' has none"
+        )
     x, y = _offline_arrays(cfg)
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=cfg.test_fraction, random_state=cfg.seed, stratify=y
@@ -134,9 +142,12 @@ def build_partitioner(cfg: RunConfig, num_partitions: int, label: str = "label")
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         IidPartitioner,
+        NaturalIdPartitioner,
         PathologicalPartitioner,
     )
 
+    if cfg.partitioner == "natural-id":
+        return NaturalIdPartitioner(partition_by=cfg.partition_by)
     if cfg.partitioner == "iid":
         return IidPartitioner(num_partitions)
     if cfg.partitioner == "dirichlet":
@@ -177,15 +188,53 @@ def _offline_partitioner(cfg: RunConfig, num_partitions: int) -> Partitioner:
 @lru_cache(maxsize=4)
 def _federated_dataset(cfg: RunConfig, num_partitions: int) -> FederatedDataset:
     """The named data set with its train split partitioned by its own label column (`label`,
-    or e.g. CIFAR-100's `fine_label`: the first of LABEL_COLUMNS it has)."""
+    or e.g. CIFAR-100's `fine_label`: the first of LABEL_COLUMNS it has).
+
+    A data set without a `test` split (e.g. FEMNIST) gets one carved from `train`: after
+    FederatedDataset's seeded shuffle, the last `test-fraction` of the rows. Every process builds
+    the same split from the same seed, so the server's test rows are in no client's partition.
+    """
     from flwr_datasets import FederatedDataset
 
-    def federated(partitioner: Partitioner | int) -> FederatedDataset:
-        return FederatedDataset(dataset=cfg.dataset, partitioners={"train": partitioner}, seed=cfg.seed)
+    def federated(
+        partitioner: Partitioner | int, preprocessor: Divider | None = None
+    ) -> FederatedDataset:
+        return FederatedDataset(
+            dataset=cfg.dataset, preprocessor=preprocessor, partitioners={"train": partitioner},
+            seed=cfg.seed,
+        )
 
-    columns = federated(1).load_split("train").column_names
-    label = _label_column(columns)
-    return federated(build_partitioner(cfg, num_partitions, label))
+    probe = federated(1)
+    train = probe.load_split("train")
+    label = _label_column(train.column_names)
+    if cfg.partitioner == "natural-id" and cfg.partition_by not in train.column_names:
+        raise ConfigError(
+            f"partition-by '{cfg.partition_by}' is not a column of '{cfg.dataset}' "
+            f"(columns: {train.column_names})"
+        )
+    preprocessor = None if _has_split(probe, "test") else _test_carver(cfg, len(train))
+    return federated(build_partitioner(cfg, num_partitions, label), preprocessor)
+
+
+def _has_split(fds: FederatedDataset, split: str) -> bool:
+    try:
+        fds.load_split(split)
+    except (KeyError, ValueError):
+        return False
+    return True
+
+
+def _test_carver(cfg: RunConfig, rows: int) -> Divider:
+    """A Divider that keeps ceil(test-fraction * rows) rows of `train` as the `test` split.
+
+    Counts, not fractions: the Divider rounds each fraction down and drops the remainder.
+    """
+    from flwr_datasets.preprocessor import Divider
+
+    if rows < 2:
+        raise ConfigError(f"dataset '{cfg.dataset}' has {rows} training row(s) and no 'test' split")
+    test = min(max(int(np.ceil(cfg.test_fraction * rows)), 1), rows - 1)
+    return Divider({"train": rows - test, "test": test}, divide_split="train")
 
 
 def _label_column(columns: list[str]) -> str:
@@ -202,12 +251,7 @@ def server_test_set(cfg: RunConfig) -> ArrayData:
     """The held-out test set the server evaluates the global model on."""
     if cfg.dataset in OFFLINE_SOURCES:
         return _offline_split(cfg)[1]
-    fds = _federated_dataset(cfg, 1)
-    try:
-        test = fds.load_split("test")
-    except (KeyError, ValueError) as err:
-        raise ConfigError(f"dataset '{cfg.dataset}' has no 'test' split for the server") from err
-    return dataset_to_arrays(test)
+    return dataset_to_arrays(_federated_dataset(cfg, 1).load_split("test"))
 
 
 def data_spec(cfg: RunConfig) -> DataSpec:
@@ -218,13 +262,19 @@ def data_spec(cfg: RunConfig) -> DataSpec:
 
 
 def _num_classes(cfg: RunConfig, test: ArrayData) -> int:
+    names = class_names(cfg)
+    return len(names) if names is not None else int(test.y.max()) + 1
+
+
+def class_names(cfg: RunConfig) -> list[str] | None:
+    """The label names of a data set whose label column is a ClassLabel, else None."""
+    if cfg.dataset in OFFLINE_SOURCES:
+        return None
     from datasets import ClassLabel
 
     features = _federated_dataset(cfg, 1).load_split("test").features
-    label = _label_column(list(features))
-    if isinstance(features[label], ClassLabel):
-        return features[label].num_classes
-    return int(test.y.max()) + 1
+    label = features[_label_column(list(features))]
+    return list(label.names) if isinstance(label, ClassLabel) else None
 
 
 def partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> ArrayData:
@@ -235,8 +285,18 @@ def partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> ArrayDa
         rows = np.asarray(part["row"], dtype=np.int64)
         pool, _ = _offline_split(cfg)
         return ArrayData(pool.x[rows], pool.y[rows])
-    part = _federated_dataset(cfg, num_partitions).load_partition(partition_id, "train")
-    return dataset_to_arrays(part)
+    fds = _federated_dataset(cfg, num_partitions)
+    if cfg.partitioner == "natural-id":
+        partitioner = fds.partitioners["train"]
+        if not partitioner.is_dataset_assigned():
+            partitioner.dataset = fds.load_split("train")
+        if partitioner.num_partitions != num_partitions:
+            raise ConfigError(
+                f"partitioner 'natural-id': the training rows of '{cfg.dataset}' have "
+                f"{partitioner.num_partitions} distinct '{cfg.partition_by}' values, so "
+                f"num-partitions must be {partitioner.num_partitions}, not {num_partitions}"
+            )
+    return dataset_to_arrays(fds.load_partition(partition_id, "train"))
 
 
 def _check_partition_id(partition_id: int, num_partitions: int) -> None:
@@ -312,7 +372,7 @@ def node_train_data(
 # Every run-config key that decides an offline partition's content.
 PARTITION_KEYS = (
     "dataset", "synthetic-alpha", "synthetic-beta", "test-fraction", "partitioner",
-    "dirichlet-alpha", "classes-per-client", "seed",
+    "dirichlet-alpha", "classes-per-client", "partition-by", "seed",
 )
 
 
@@ -361,14 +421,27 @@ def dataset_to_arrays(ds: Dataset) -> ArrayData:
     return _as_array_data(np.asarray(columns[inputs]), np.asarray(columns[label]))
 
 
-def _as_array_data(x: np.ndarray, y: np.ndarray) -> ArrayData:
+# How raw inputs become model inputs; a run records it (model.json) so prediction repeats it.
+PREPROCESSING = {
+    "uint8-divisor": 255.0,  # uint8 pixels are divided by it: [0, 255] -> [0, 1]
+    "layout": "channels-first",  # N x H x W gains a channel axis; N x H x W x C (C 1 or 3) moves C
+}
+
+
+def model_inputs(x: np.ndarray, uint8_divisor: float = PREPROCESSING["uint8-divisor"]) -> np.ndarray:
+    """Raw inputs as the models take them: float32, uint8 pixels scaled, images channels-first."""
+    x = np.asarray(x)
     if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0
+        x = x.astype(np.float32) / np.float32(uint8_divisor)
     x = x.astype(np.float32)
     if x.ndim == 3:  # grey images N x H x W
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):  # N x H x W x C
         x = x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x)
+
+
+def _as_array_data(x: np.ndarray, y: np.ndarray) -> ArrayData:
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise ConfigError(f"labels must be a 1-D integer array, got {y.dtype} of shape {y.shape}")
-    return ArrayData(np.ascontiguousarray(x), y.astype(np.int64))
+    return ArrayData(model_inputs(x), y.astype(np.int64))

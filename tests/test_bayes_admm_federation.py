@@ -141,7 +141,7 @@ def test_run_saves_posterior_and_bma_metrics_and_predicts(tmp_path, capsys):
 
 def test_predict_reports_a_bad_run_folder(tmp_path, capsys):
     assert predict_main([str(tmp_path), str(tmp_path / "x.npz")]) == 2
-    assert "no results.json" in capsys.readouterr().err
+    assert "no model.json" in capsys.readouterr().err
 
 
 def test_a_global_outside_float32_skips_the_round(fake_grid):

@@ -357,6 +357,98 @@ def test_hf_folder_is_partitioned_by_its_own_label_column(hf_fine_label_folder, 
     assert sum(len(p) for p in parts) == 40
 
 
+# ----------------------------------------------------------------------------- no test split
+
+
+WRITERS, ROWS_PER_WRITER = 5, 10
+
+
+@pytest.fixture
+def hf_train_only_folder(tmp_path, monkeypatch):
+    """FEMNIST's layout: one `train` split, each row tagged with the writer who drew it."""
+    import datasets
+    import huggingface_hub.constants
+
+    folder = tmp_path / "tiny_femnist"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    rows = WRITERS * ROWS_PER_WRITER
+    x = rng.integers(0, 256, (rows, 8, 8), dtype=np.uint8)
+    y = rng.integers(0, 3, rows)
+    writer = [f"f{i // ROWS_PER_WRITER:04d}_07" for i in range(rows)]
+    features = Features({"image": Image(), "character": ClassLabel(num_classes=3),
+                         "writer_id": Value("string")})
+    Dataset.from_dict({"image": list(x), "character": y.tolist(), "writer_id": writer},
+                      features=features).to_parquet(str(folder / "train-00000-of-00001.parquet"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    _clear_caches()
+    keys = _row_keys(x, y)
+    yield {"path": str(folder), "keys": keys, "writer": dict(zip(keys, writer, strict=True))}
+    _clear_caches()
+
+
+def _keys(data: D.ArrayData) -> list[bytes]:
+    return _row_keys(_uint8_images(data.x)[:, 0], data.y)
+
+
+def test_train_only_data_set_gets_a_test_set_outside_every_partition(hf_train_only_folder, no_network):
+    source = hf_train_only_folder
+    cfg = parse_run_config({"dataset": source["path"], "partitioner": "iid", "test-fraction": 0.25})
+    test = D.server_test_set(cfg)
+    assert len(test) == 13  # ceil(0.25 * 50)
+    assert D.data_spec(cfg) == D.DataSpec((1, 8, 8), 3)
+    _clear_caches()  # the clients are other processes: they rebuild the split from the seed
+    parts = [D.partition(cfg, i, 3) for i in range(3)]
+    part_keys = [k for p in parts for k in _keys(p)]
+    assert len(set(part_keys)) == len(part_keys) == 37
+    assert not set(part_keys) & set(_keys(test))
+    assert Counter(part_keys + _keys(test)) == Counter(source["keys"])
+    _clear_caches()
+    assert _keys(D.server_test_set(cfg)) == _keys(test)
+    _clear_caches()
+    other_seed = D.server_test_set(parse_run_config({**cfg.to_dict(), "seed": 1}))
+    assert set(_keys(other_seed)) != set(_keys(test))
+
+
+def test_natural_id_gives_one_partition_per_writer(hf_train_only_folder, no_network):
+    source = hf_train_only_folder
+    cfg = parse_run_config({"dataset": source["path"], "partitioner": "natural-id",
+                            "partition-by": "writer_id", "test-fraction": 0.1})
+    test_keys = set(_keys(D.server_test_set(cfg)))
+    pool_writers = {source["writer"][k] for k in source["keys"] if k not in test_keys}
+    assert len(pool_writers) == WRITERS  # 5 test rows cannot take all 10 rows of a writer
+    writers = []
+    for pid in range(WRITERS):
+        part = D.partition(cfg, pid, WRITERS)
+        [writer] = {source["writer"][k] for k in _keys(part)}  # one writer per partition ...
+        expected = [k for k in source["keys"] if source["writer"][k] == writer and k not in test_keys]
+        assert Counter(_keys(part)) == Counter(expected)  # ... with all of that writer's pool rows
+        writers.append(writer)
+    assert sorted(writers) == sorted(pool_writers)
+
+
+def test_natural_id_needs_as_many_partitions_as_ids(hf_train_only_folder, no_network):
+    cfg = parse_run_config({"dataset": hf_train_only_folder["path"], "partitioner": "natural-id",
+                            "partition-by": "writer_id", "test-fraction": 0.1})
+    assert _config_error(D.partition, cfg, 0, 4) == (
+        f"partitioner 'natural-id': the training rows of '{cfg.dataset}' have 5 distinct "
+        "'writer_id' values, so num-partitions must be 5, not 4")
+    missing = parse_run_config({**cfg.to_dict(), "partition-by": "author"})
+    message = _config_error(D.partition, missing, 0, 5)
+    assert message.startswith(f"partition-by 'author' is not a column of '{cfg.dataset}' (columns: [")
+
+
+def test_natural_id_needs_a_column_and_a_data_set_with_ids():
+    with pytest.raises(ConfigError, match="partitioner 'natural-id' needs 'partition-by'"):
+        parse_run_config({"partitioner": "natural-id"})
+    cfg = parse_run_config({"partitioner": "natural-id", "partition-by": "writer_id"})
+    _clear_caches()
+    assert _config_error(D.server_test_set, cfg) == (
+        "partitioner 'natural-id' needs a data set with an id column; 'digits' has none")
+
+
 # ----------------------------------------------------------------------------- a node's own data
 
 
