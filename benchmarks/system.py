@@ -335,7 +335,8 @@ def _set_task_identity() -> None:
 
 def _aggregation_case(strategy_name: str, num_clients: int, num_params: int, distinct: int = 4):
     """A fresh strategy after configure_train for K nodes, and K valid replies to it."""
-    from strategies import STRATEGIES, records
+    from strategies import STRATEGIES
+    from task import records
     from task.config import parse_run_config
     from task.params import numpy_to_record
 

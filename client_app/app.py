@@ -11,7 +11,7 @@ from flwr.clientapp import ClientApp
 from client_app import bayes_admm, fedavg, fedpa
 from client_app.local import ClientRound, device_for, node_data, node_seed
 from client_app.state import ClientState
-from strategies import records
+from task import records
 from task.config import parse_run_config
 from task.data import ArrayData
 from task.metrics import classification_metrics, predict_probs

@@ -20,8 +20,8 @@ from client_app.fedpa import flatten_params
 from client_app.local import ClientRound
 from client_app.optimizers import build_optimizer
 from client_app.training import train_epochs
-from strategies import records
 from strategies.bayes_admm import client_dual_increment, cosine_lr
+from task import records
 from task.ivon_admm import IVONADMM
 from task.params import flatten, numpy_to_record, unflatten
 

@@ -22,7 +22,7 @@ from torch import Tensor
 from client_app.local import ClientRound
 from client_app.optimizers import build_optimizer
 from client_app.training import train_epochs
-from strategies import records
+from task import records
 from task.params import numpy_to_record
 
 

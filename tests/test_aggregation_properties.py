@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from strategies import STRATEGIES, records
+from strategies import STRATEGIES
 from strategies.bayes_admm import (
     BayesADMM,
     DualSums,
@@ -43,6 +43,7 @@ from strategies.bayes_admm import (
     server_update,
 )
 from strategies.fedavg import aggregate_round, server_sgd_step, weighted_mean
+from task import records
 from task.config import parse_run_config
 from task.params import flatten, record_to_numpy
 from tests.conftest import FakeGrid, reply
