@@ -58,6 +58,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
 
+from task.methods import METHODS  # noqa: E402
+from tests.flower_runs import run_config_string  # noqa: E402
+
 SECTIONS = ("step", "aggregation", "rounds", "simulation", "deployment")
 
 # ------------------------------------------------------------------------------------ settings
@@ -105,15 +108,6 @@ QUICK: dict[str, Any] = {
     "round_repeats": 1,
 }
 
-# Each strategy as the e2e tests run it: settings under which every method does its own thing.
-STRATEGY_SETTINGS: dict[str, dict[str, Any]] = {
-    "fedavg": {},
-    "fedpa": {"burnin-rounds": 1, "local-epochs": 3, "local-burnin-epochs": 1},
-    "bayes-admm": {
-        "optimizer": "ivon", "local-epochs": 2, "lr": 0.0005, "temperature": 0.001,
-        "hess-init": 0.001, "dual-damping": 0.001, "eval-mc-samples": 8,
-    },
-}
 ROUND_BASE = {"dataset": "digits", "partitioner": "dirichlet", "dirichlet-alpha": 0.5, "seed": 0}
 
 
@@ -555,7 +549,7 @@ def bench_rounds(settings: dict[str, Any], out: Path, log: Callable[[str], None]
     for repeat in range(settings["round_repeats"]):
         for workload, workload_overrides, strategies in settings["round_workloads"]:
             for strategy in strategies:
-                overrides = {**ROUND_BASE, **STRATEGY_SETTINGS[strategy], **workload_overrides,
+                overrides = {**ROUND_BASE, **METHODS[strategy].short_run, **workload_overrides,
                              "strategy": strategy, "num-server-rounds": rounds}
                 tag = f"{strategy}-{workload.replace(' ', '-')}-{repeat}"
                 label = {"workload": workload, "strategy": strategy, "repeat": repeat}
@@ -607,7 +601,7 @@ def _flwr_run(app_dir: Path, run_config: dict[str, Any], nodes: int, threads: in
         federation = LocalFederation(Path(home), app_dir)
         federation.env["OMP_NUM_THREADS"] = str(threads)
         try:
-            run = federation.run(_run_config_string(run_config), nodes)
+            run = federation.run(run_config_string(run_config), nodes)
         finally:
             federation.stop()
     if run.status != "finished:completed":
@@ -637,15 +631,6 @@ def _flower_floor_rows(workload: str, workload_overrides: dict[str, Any], nodes:
              "clients": nodes, "round": r["round"], "round_seconds": r["seconds"]} for r in floor]
 
 
-def _run_config_string(overrides: dict[str, Any]) -> str:
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        return f"'{v}'" if isinstance(v, str) else repr(v)
-
-    return " ".join(f"{k}={value(v)}" for k, v in overrides.items())
-
-
 def _deployment_rows(launcher: Path, label: dict[str, Any], overrides: dict, nodes: int,
                      local: dict[int, float], folder: Path, threads: int,
                      log: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -666,7 +651,7 @@ def _deployment_rows(launcher: Path, label: dict[str, Any], overrides: dict, nod
             run_env = {**env, "FLWR_HOME": str(Path(fed) / "flwr-home")}
             subprocess.run(
                 ["flwr", "run", ".", "bayesfl", "--stream", "--run-config",
-                 _run_config_string({**overrides, "output-dir": str(folder)})],
+                 run_config_string({**overrides, "output-dir": str(folder)})],
                 cwd=ROOT, env=run_env, check=True, capture_output=True, text=True, timeout=1800,
             )
             results = json.loads((folder / "results.json").read_text())
