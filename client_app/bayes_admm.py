@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from flwr.app import MetricRecord, RecordDict
 
-from client_app.fedpa import flatten_params
 from client_app.local import ClientRound
 from client_app.optimizers import build_optimizer
 from client_app.training import train_epochs
@@ -91,7 +90,7 @@ def train(round_: ClientRound) -> RecordDict:
             return scale * (-(dual @ x) + 0.5 * cfg.rho * (x - anchor).square().sum())
 
         loss = _train(round_, model, optimizer, admm_terms)
-        mean = flatten_params(params).cpu().double().numpy()
+        mean = flatten(params).cpu().double().numpy()
         precision = np.ones_like(mean)
         global_precision = np.ones_like(mean)
         optimizer_state = {}
