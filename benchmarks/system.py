@@ -10,7 +10,7 @@ Writes `<out>/system.json` (every table: a list of rows, plus the machine) and `
 
 - `step_time`: one local step (`client_app.training.minibatch_step`: forward, backward, optimizer
   step) of SGD, Adam, stock `ivon.IVON`, our IVON-ADMM before the hot-path rewrite
-  (`UnfusedIVONADMM`) and `task.ivon_admm.IVONADMM` with a prior and duals set, on the same model
+  (`tests.ivon_admm_reference.ReferenceIVONADMM`) and `task.ivon_admm.IVONADMM` with a prior and duals set, on the same model
   and batch. The optimizers run interleaved in rotating order, block after block; the table holds
   the median step time and the median over blocks of the ratio to Adam (and SGD) of the same block.
 - `aggregation`: `aggregate_train` of a real strategy object on K replies of P parameters (the
@@ -122,79 +122,6 @@ def median(values: Iterable[float]) -> float:
 # ==================================================================================== step time
 
 
-class UnfusedIVONADMM(ivon.IVON):
-    """IVON-ADMM as it was before the hot-path rewrite (commit 3118c08): stock IVON's sampling,
-    restoring and gradient collection, and an `_update` that allocates every intermediate.
-
-    Kept only to measure the rewrite against, in the same run; tests use it as a bitwise reference
-    for the prior and dual terms. Accessors: `set_prior` and `set_duals` as in IVONADMM.
-    """
-
-    def __init__(self, params, lr: float, ess: float, rescale_lr: bool = False, **kwargs):
-        super().__init__(params, lr=lr, ess=ess, rescale_lr=rescale_lr, **kwargs)
-        for group in self.param_groups:
-            zeros = torch.zeros(group["numel"], device=self._device, dtype=self._dtype)
-            group["prior_mean"], group["dual_mean"], group["dual_precision"] = (
-                zeros, zeros.clone(), zeros.clone()
-            )
-
-    def _split(self, flat):
-        flat = torch.as_tensor(flat, device=self._device, dtype=self._dtype).flatten().clone()
-        return flat.split([group["numel"] for group in self.param_groups])
-
-    def set_prior(self, mean, precision) -> None:
-        scalar = torch.as_tensor(precision).dim() == 0
-        precisions = (
-            (float(precision),) * len(self.param_groups) if scalar else self._split(precision)
-        )
-        for group, group_mean, group_precision in zip(self.param_groups, self._split(mean), precisions):
-            group["prior_mean"] = group_mean
-            group["weight_decay"] = group_precision / group["ess"]
-
-    def set_duals(self, dual_mean, dual_precision, num_examples: int, temperature: float) -> None:
-        scale = temperature / num_examples
-        for group, dm, dp in zip(self.param_groups, self._split(dual_mean), self._split(dual_precision)):
-            group["dual_mean"], group["dual_precision"] = scale * dm, scale * dp
-
-    def _update(self):
-        self.current_step += 1
-        offset = 0
-        for group in self.param_groups:
-            group_slice = slice(offset, offset + group["numel"])
-            offset += group["numel"]
-            mean = torch.cat([p.flatten() for p in group["params"] if p is not None])
-            wd, beta2 = group["weight_decay"], group["beta2"]
-            group["momentum"] = self._new_momentum(
-                self.state["avg_grad"][group_slice], group["momentum"], group["beta1"]
-            )
-            hess = group["hess"]
-            data_hess = self._get_nll_hess(
-                self.hess_approx, hess + wd, self.state["avg_nxg"], self.state["avg_gsq"], group_slice
-            )
-            hess_sample = data_hess * group["ess"] + group["dual_precision"]
-            hess = (
-                beta2 * hess
-                + (1.0 - beta2) * hess_sample
-                + (0.5 * (1 - beta2) ** 2) * (hess - hess_sample).square() / (hess + wd)
-            )
-            group["hess"] = hess
-            debias = 1.0 - math.pow(group["beta1"], float(self.current_step)) if self.debias else 1.0
-            lr = group["lr"] * (group["hess_init"] + wd) if self.rescale_lr else group["lr"]
-            gradient = (
-                group["momentum"] / debias
-                + wd * (mean - group["prior_mean"])
-                + group["dual_precision"] * mean
-                - group["dual_mean"]
-            )
-            radius = group["clip_radius"]
-            mean = mean - lr * torch.clip(gradient / (hess + wd), min=-radius, max=radius)
-            pg_offset = 0
-            for p in group["params"]:
-                if p is not None:
-                    p.data = mean[pg_offset : pg_offset + p.numel()].view(p.shape)
-                    pg_offset += p.numel()
-
-
 STEP_OPTIMIZERS = ("sgd", "adam", "ivon", "ivon-admm-unfused", "ivon-admm")
 NUM_EXAMPLES = 1000  # the client's N: ess = N / (temperature rho) with temperature = rho = 1
 
@@ -207,6 +134,7 @@ def build_step_case(kind: str, input_shape: tuple[int, ...], batch: int, optimiz
     from task.data import DataSpec
     from task.ivon_admm import IVONADMM
     from task.models import build_model
+    from tests.ivon_admm_reference import ReferenceIVONADMM
 
     cfg = parse_run_config({"model": kind, "optimizer": "ivon" if "ivon" in optimizer else "sgd",
                             "lr": 1e-3, "seed": 0})
@@ -224,7 +152,7 @@ def build_step_case(kind: str, input_shape: tuple[int, ...], batch: int, optimiz
                         beta2=cfg.beta2, weight_decay=cfg.prior_precision / NUM_EXAMPLES,
                         rescale_lr=False)
     else:
-        cls = IVONADMM if optimizer == "ivon-admm" else UnfusedIVONADMM
+        cls = IVONADMM if optimizer == "ivon-admm" else ReferenceIVONADMM
         opt = cls(params, lr=cfg.lr, ess=NUM_EXAMPLES, hess_init=cfg.hess_init, beta2=cfg.beta2)
         # As in a BayesADMM round after the first: a received global (per-coordinate precision)
         # as the prior, and nonzero duals.
