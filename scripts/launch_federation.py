@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Start, inspect and stop a federation of real Flower processes on this machine.
 
-One SuperLink and N SuperNodes, with TLS (certificates from scripts/make_certs.sh), SuperNode
+One SuperLink and N SuperNodes, with TLS (certificates from scripts/make_certs.py), SuperNode
 authentication (one ECDSA P-384 key per node, registered with `flwr supernode register`), each
 node with its own data and its own `state-dir`, and a `flwr` connection in
 `<dir>/flwr-home/config.toml`:
@@ -33,7 +33,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MAKE_CERTS = REPO / "scripts" / "make_certs.sh"
+if str(REPO) not in sys.path:  # run as a script: `scripts` is not importable yet
+    sys.path.insert(0, str(REPO))
+
+from scripts.make_certs import make_certs  # noqa: E402
+
 STATE_FILE = "federation.json"
 MEMBER_ENV = "BAYESFL_FEDERATION_MEMBER"
 SUPERLINK = "superlink"
@@ -180,10 +184,7 @@ class Federation:
             spec.ports = {"superlink": free_port()}
         fed = cls(root, spec)
         (root / "logs").mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            ["bash", str(MAKE_CERTS), str(fed.certs), *(extra_names or [])],
-            check=True, capture_output=True, text=True,
-        )
+        make_certs(fed.certs, extra_names or ())
         for index in range(num_nodes):
             data = data_paths[index] if data_paths else None
             fed.add_node(index, num_nodes, data_path=data, register=True)
