@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from client_app.state import read_state_file, state_digest
-from scripts.launch_federation import Federation
+from scripts.federation import Federation
 from server_app.checkpoint import load_checkpoint
 from task.methods import METHODS
 from tests.flower_runs import run_config_string
