@@ -13,7 +13,7 @@ import math
 import torch
 from ivon import IVON
 
-from task.params import split_flat
+from task.params import flatten, split_flat
 
 
 class ReferenceIVONADMM(IVON):
@@ -54,7 +54,8 @@ class ReferenceIVONADMM(IVON):
         for group in self.param_groups:
             group_slice = slice(offset, offset + group["numel"])
             offset += group["numel"]
-            mean = torch.cat([p.flatten() for p in group["params"] if p is not None])
+            params = [p for p in group["params"] if p is not None]
+            mean = flatten(params)
             wd, beta2 = group["weight_decay"], group["beta2"]
             group["momentum"] = self._new_momentum(
                 self.state["avg_grad"][group_slice], group["momentum"], group["beta1"]
@@ -80,8 +81,5 @@ class ReferenceIVONADMM(IVON):
             )
             radius = group["clip_radius"]
             mean = mean - lr * torch.clip(gradient / (hess + wd), min=-radius, max=radius)
-            pg_offset = 0
-            for p in group["params"]:
-                if p is not None:
-                    p.data = mean[pg_offset : pg_offset + p.numel()].view(p.shape)
-                    pg_offset += p.numel()
+            for p, view in zip(params, split_flat(mean, [p.shape for p in params])):
+                p.data = view

@@ -17,6 +17,7 @@ from task.config import parse_run_config
 from task.data import DataSpec
 from task.ivon_admm import IVONADMM
 from task.models import build_model
+from task.params import flatten
 from tests.ivon_admm_reference import ReferenceIVONADMM
 
 STEP_OPTIMIZERS = ("sgd", "adam", "ivon", "ivon-admm-unfused", "ivon-admm")
@@ -47,7 +48,7 @@ def build_step_case(kind: str, input_shape: tuple[int, ...], batch: int, optimiz
         # As in a BayesADMM round after the first: a received global (per-coordinate precision)
         # as the prior, and nonzero duals.
         size = sum(p.numel() for p in params)
-        mean = torch.cat([p.detach().flatten() for p in params])
+        mean = flatten(params)
         g = torch.Generator().manual_seed(2)
         opt.set_prior(mean + 0.01 * torch.randn(size, generator=g), 1.0 + torch.rand(size, generator=g))
         opt.set_duals(0.01 * torch.randn(size, generator=g), 0.1 * torch.rand(size, generator=g),
