@@ -2,7 +2,7 @@
 with messages handed over by function call instead of a SuperLink.
 
 Benchmarks use it to run many seeds and settings quickly; what it leaves out (transport,
-process start-up, Ray) is measured separately by `benchmarks/system.py` through real runs.
+process start-up, Ray) is measured separately by `benchmarks/system` through real runs.
 """
 
 from __future__ import annotations

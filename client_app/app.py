@@ -8,19 +8,17 @@ from collections.abc import Callable
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client_app import bayes_admm, fedavg, fedpa
 from client_app.local import ClientRound, device_for, node_data, node_seed
 from client_app.state import ClientState
-from strategies import records
+from task import records
 from task.config import parse_run_config
 from task.data import ArrayData
+from task.methods import METHODS, resolve
 from task.metrics import classification_metrics, predict_probs
 
-# The client half of each strategy, by config name (the server half is in strategies.STRATEGIES).
+# The client half of each method, by config name, as `task.methods` registers it.
 CLIENT_STEPS: dict[str, Callable[[ClientRound], RecordDict]] = {
-    "fedavg": fedavg.train,
-    "fedpa": fedpa.train,
-    "bayes-admm": bayes_admm.train,
+    name: resolve(m.client) for name, m in METHODS.items()
 }
 
 app = ClientApp()

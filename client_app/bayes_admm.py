@@ -16,12 +16,11 @@ import numpy as np
 import torch
 from flwr.app import MetricRecord, RecordDict
 
-from client_app.fedpa import flatten_params
 from client_app.local import ClientRound
 from client_app.optimizers import build_optimizer
 from client_app.training import train_epochs
-from strategies import records
 from strategies.bayes_admm import client_dual_increment, cosine_lr
+from task import records
 from task.ivon_admm import IVONADMM
 from task.params import flatten, numpy_to_record, unflatten
 
@@ -91,7 +90,7 @@ def train(round_: ClientRound) -> RecordDict:
             return scale * (-(dual @ x) + 0.5 * cfg.rho * (x - anchor).square().sum())
 
         loss = _train(round_, model, optimizer, admm_terms)
-        mean = flatten_params(params).cpu().double().numpy()
+        mean = flatten(params).cpu().double().numpy()
         precision = np.ones_like(mean)
         global_precision = np.ones_like(mean)
         optimizer_state = {}

@@ -7,7 +7,7 @@ from flwr.app import MetricRecord, RecordDict
 from client_app.local import ClientRound
 from client_app.optimizers import build_optimizer
 from client_app.training import train_epochs
-from strategies import records
+from task import records
 from task.params import model_to_record
 
 

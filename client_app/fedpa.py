@@ -7,7 +7,7 @@ instead of FedAvg's theta_last - theta. Sigma_hat is the shrinkage estimate
     Sigma_hat = rho_l I + (1 - rho_l) S,    rho_l = 1 / (1 + (l - 1) rho),
 
 with S the unbiased sample covariance of the l samples. Everything works on the whole trainable
-parameter vector flattened into one 1-D tensor (see `flatten_params`): the covariance couples
+parameter vector flattened into one 1-D tensor (`task.params.flatten`): the covariance couples
 all parameters, so running the recursion tensor by tensor would be a different algorithm.
 """
 
@@ -22,29 +22,8 @@ from torch import Tensor
 from client_app.local import ClientRound
 from client_app.optimizers import build_optimizer
 from client_app.training import train_epochs
-from strategies import records
-from task.params import numpy_to_record
-
-
-def flatten_params(tensors: Sequence[Tensor]) -> Tensor:
-    """Copy `tensors` into one detached 1-D vector, in order.
-
-    A copy, so that later in-place optimizer steps cannot change a stored sample.
-    """
-    if len(tensors) == 0:
-        raise ValueError("flatten_params needs at least one tensor")
-    return torch.cat([tensor.detach().reshape(-1) for tensor in tensors])
-
-
-def unflatten_like(vector: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Split a 1-D `vector` into views shaped like `tensors` (the inverse of `flatten_params`)."""
-    sizes = [tensor.numel() for tensor in tensors]
-    if vector.dim() != 1 or vector.numel() != sum(sizes):
-        raise ValueError(
-            f"vector of shape {tuple(vector.shape)} does not hold {sum(sizes)} parameters"
-        )
-    pieces = torch.split(vector, sizes)
-    return [piece.view(tensor.shape) for piece, tensor in zip(pieces, tensors)]
+from task import records
+from task.params import flatten, numpy_to_record, split_flat
 
 
 class StreamingPosteriorDelta:
@@ -193,7 +172,7 @@ def train(round_: ClientRound) -> RecordDict:
     cfg = round_.cfg
     model = round_.model_at()
     names, params = zip(*model.named_parameters())
-    theta = flatten_params(params)
+    theta = flatten(params)
     # A fresh optimizer each round: its momentum lives for this round's epochs only.
     optimizer = build_optimizer(cfg, model.parameters(), cfg.lr, len(round_.train))
     sampling = sampling_active(
@@ -210,15 +189,14 @@ def train(round_: ClientRound) -> RecordDict:
     loss = train_epochs(
         model, round_.train, optimizer, cfg.local_epochs, cfg.batch_size, round_.device,
         round_.seed,
-        after_step=(lambda: averager.add_iterate(flatten_params(params))) if sampling else None,
+        after_step=(lambda: averager.add_iterate(flatten(params))) if sampling else None,
         after_epoch=after_epoch if sampling else None,
     )
-    theta_last = flatten_params(params)
+    theta_last = flatten(params)
     delta = posterior_delta.delta() if sampling else theta_last - theta
     delta, weight = sanitize_delta(delta, len(round_.train))
-    arrays = {
-        name: piece.cpu().numpy() for name, piece in zip(names, unflatten_like(delta, params))
-    }
+    pieces = split_flat(delta, [p.shape for p in params])
+    arrays = {name: piece.cpu().numpy() for name, piece in zip(names, pieces)}
     return RecordDict(
         {
             records.ARRAYS: numpy_to_record(arrays),

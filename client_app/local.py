@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, RecordDict
 from client_app.state import STATE_DIR_KEY, ClientState
 from torch import nn
 
-from strategies import records
+from task import records
 from task.config import RunConfig
 from task.data import ArrayData, DataSpec, check_fits, data_spec, node_train_data, split_train_val
 from task.models import build_model, resolve_device

@@ -23,9 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from launch_federation import (
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: `scripts` is not importable yet
+    sys.path.insert(0, str(REPO))
+
+from scripts.federation import (  # noqa: E402
     MEMBER_ENV,
-    REPO,
     Federation,
     flower_version,
     free_port,

@@ -14,8 +14,9 @@ from flwr.serverapp import Grid, ServerApp
 from server_app.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
 from server_app.evaluation import evaluate_bma, evaluate_mean
 from server_app.outputs import POSTERIOR, RunOutputs, save_posterior
-from strategies import STRATEGIES, records
+from strategies import STRATEGIES
 from strategies.base import FederatedStrategy
+from task import records
 from task.config import ConfigError, RunConfig, parse_run_config
 from task.data import data_spec, server_test_set
 from task.models import build_model, resolve_device

@@ -1,8 +1,6 @@
-"""Server strategies; `STRATEGIES` is the one place that maps a config name to a class."""
+"""Server strategies; `STRATEGIES` maps a config name to its class, as `task.methods` registers it."""
 
 from strategies.base import FederatedStrategy
-from strategies.bayes_admm import BayesADMM
-from strategies.fedavg import FedAvg
-from strategies.fedpa import FedPA
+from task.methods import METHODS, resolve
 
-STRATEGIES: dict[str, type[FederatedStrategy]] = {"fedavg": FedAvg, "fedpa": FedPA, "bayes-admm": BayesADMM}
+STRATEGIES: dict[str, type[FederatedStrategy]] = {name: resolve(m.server) for name, m in METHODS.items()}

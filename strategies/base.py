@@ -20,7 +20,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from strategies import records
+from task import records
 from task.config import RunConfig
 from task.params import decode_array
 

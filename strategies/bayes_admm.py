@@ -31,8 +31,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from strategies import records
 from strategies.base import FederatedStrategy, weighted_metrics
+from task import records
 from task.config import RunConfig
 from task.params import flatten, numpy_to_record, record_to_numpy, unflatten
 

@@ -19,10 +19,10 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from strategies import records
 from strategies.base import FederatedStrategy, weighted_metrics
+from task import records
 from task.config import RunConfig
-from task.params import decode_array, numpy_to_record, record_to_numpy
+from task.params import decode_array, numpy_to_record
 
 Arrays = list[np.ndarray]
 

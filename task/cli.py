@@ -3,7 +3,7 @@
     bayesfl run [--preset FILE.toml] [--run-config "k=v ..."] [flwr run options]
     bayesfl predict RUN_DIR INPUTS.npz [--samples 32] [--out predictions.npz]
     bayesfl federation start|status|stop|start-node ...   (scripts/launch_federation.py)
-    bayesfl certs OUT_DIR [NAME_OR_IP ...]                 (scripts/make_certs.sh)
+    bayesfl certs --out DIR [--san NAME_OR_IP ...]         (scripts/make_certs.py)
 
 `run` simulates a federation with `flwr run` and succeeds only when the run completed: the
 ServerApp marks results.json `"status": "completed"` after its last artifact, so a file left by
@@ -158,7 +158,7 @@ def _federation(argv: list[str]) -> int:
 
 
 def _certs(argv: list[str]) -> int:
-    return subprocess.run([*_script("bash", "scripts/make_certs.sh"), *argv]).returncode
+    return subprocess.run([*_script(sys.executable, "scripts/make_certs.py"), *argv]).returncode
 
 
 COMMANDS = {

@@ -20,7 +20,9 @@ from pydantic import (
     model_validator,
 )
 
-StrategyName = Literal["fedavg", "fedpa", "bayes-admm"]
+from task.methods import METHODS
+
+StrategyName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 OptimizerName = Literal["sgd", "ivon"]
 PartitionerName = Literal["iid", "dirichlet", "pathological", "natural-id"]
 ModelName = Literal["logreg", "mlp", "cnn"]
@@ -188,16 +190,15 @@ class RunConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _bayes_admm_client_fits_its_posterior(self) -> "RunConfig":
-        if self.strategy != "bayes-admm":
+    def _optimizer_fits_the_method(self) -> "RunConfig":
+        method = METHODS[self.strategy]
+        if method.allows(self.optimizer, self.posterior):
             return self
-        needed = "ivon" if self.posterior == "diagonal" else "sgd"
-        if self.optimizer != needed:
-            raise ValueError(
-                f"strategy 'bayes-admm' with posterior '{self.posterior}' needs optimizer "
-                f"'{needed}', got '{self.optimizer}'"
-            )
-        return self
+        needed = " or ".join(f"'{o}'" for o in method.optimizers[self.posterior])
+        raise ValueError(
+            f"strategy '{self.strategy}' with posterior '{self.posterior}' needs optimizer "
+            f"{needed}, got '{self.optimizer}'"
+        )
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:

@@ -29,6 +29,8 @@ from contextlib import contextmanager
 import torch
 from ivon import IVON
 
+from task.params import flatten, split_flat
+
 
 def effective_sample_size(num_examples: int, temperature: float, rho: float) -> float:
     """ess_k = N_k / (tau * rho): the client's likelihood weight relative to its ADMM prior."""
@@ -95,7 +97,7 @@ class IVONADMM(IVON):
     def get_posterior(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, precision) = (weights, ess (hess + wd)); call it outside `sampled_params`."""
         params = [p for group in self.param_groups for p in group["params"] if p is not None]
-        mean = torch.cat([p.detach().flatten() for p in params])
+        mean = flatten(params)
         precision = torch.cat(
             [group["ess"] * (group["hess"] + group["weight_decay"]) for group in self.param_groups]
         )
@@ -175,12 +177,10 @@ class IVONADMM(IVON):
 
     # ------------------------------------------------------------------ flat-vector helpers
 
-    def _split(self, flat) -> tuple[torch.Tensor, ...]:
+    def _split(self, flat) -> list[torch.Tensor]:
         # A copy, so that no caller's tensor ever aliases the weights or the prior.
         flat = torch.as_tensor(flat, device=self._device, dtype=self._dtype).flatten().clone()
-        if flat.numel() != self._numel:
-            raise ValueError(f"expected a flat vector of {self._numel} values, got {flat.numel()}")
-        return flat.split([group["numel"] for group in self.param_groups])
+        return split_flat(flat, [(group["numel"],) for group in self.param_groups])
 
     def _split_or_scalar(self, value) -> tuple:
         if torch.as_tensor(value).dim() == 0:
@@ -234,16 +234,12 @@ class _FlatBuffers:
     # ---------------------------------------------------------------- parameters as views
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        views, offset = [], 0
-        for p in self.params:
-            views.append(flat[offset : offset + p.numel()].view(p.shape))
-            offset += p.numel()
-        return views
+        return split_flat(flat, [p.shape for p in self.params])
 
     def gather_params(self) -> None:
         """Copy the current weights into `mean` and make every parameter a view into it."""
         if self.params:  # via a new tensor: the parameters may already be views into `mean`
-            self.mean.copy_(torch.cat([p.detach().reshape(-1) for p in self.params]))
+            self.mean.copy_(flatten(self.params))
         self.point_params_at_mean()
 
     def point_params_at_mean(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -98,18 +98,38 @@ def load_arrays(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, strict=True)
 
 
-def flatten(arrays: dict[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate([a.ravel() for a in arrays.values()]) if arrays else np.zeros(0)
+# Flat vectors: every method's math sees a model as one 1-D vector, the keys (or tensors) one
+# after another. The same helpers serve numpy arrays (records) and torch tensors (optimizers).
+Vector = np.ndarray | torch.Tensor
 
 
-def unflatten(vector: np.ndarray, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out, offset = {}, 0
-    for key, ref in like.items():
-        out[key] = vector[offset : offset + ref.size].reshape(ref.shape).astype(ref.dtype)
-        offset += ref.size
-    if offset != vector.size:
-        raise ValueError(f"vector has {vector.size} entries, the model {offset}")
-    return out
+def flatten(arrays: Mapping[str, Vector] | Sequence[Vector]) -> Vector:
+    """A new 1-D vector of `arrays` in order (a mapping's values): numpy arrays give a numpy
+    array, torch tensors a detached tensor that no in-place step changes."""
+    pieces = list(arrays.values()) if isinstance(arrays, Mapping) else list(arrays)
+    if pieces and isinstance(pieces[0], torch.Tensor):
+        return torch.cat([piece.detach().reshape(-1) for piece in pieces])
+    return np.concatenate([np.ravel(piece) for piece in pieces]) if pieces else np.zeros(0)
+
+
+def split_flat(vector: Vector, shapes: Sequence[Sequence[int]]) -> list[Vector]:
+    """Views of a 1-D `vector` shaped as `shapes`, in order (the inverse of `flatten`)."""
+    sizes = [math.prod(shape) for shape in shapes]
+    if vector.ndim != 1 or len(vector) != sum(sizes):
+        raise ValueError(
+            f"a vector of shape {tuple(vector.shape)} does not hold {sum(sizes)} values"
+        )
+    pieces, offset = [], 0
+    for shape, size in zip(shapes, sizes):
+        pieces.append(vector[offset : offset + size].reshape(tuple(shape)))
+        offset += size
+    return pieces
+
+
+def unflatten(vector: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`vector` as arrays with `like`'s keys, shapes and dtypes (new arrays)."""
+    pieces = split_flat(vector, [ref.shape for ref in like.values()])
+    return {key: piece.astype(ref.dtype) for (key, ref), piece in zip(like.items(), pieces)}
 
 
 def record_bytes(record: ArrayRecord) -> int:

@@ -9,12 +9,24 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 APP_DIR = Path(__file__).resolve().parents[1]
 # The `flwr` CLI and the Flower executables it starts live beside this interpreter.
 BIN_DIR = Path(sys.executable).parent
+
+
+def run_config_string(settings: Mapping[str, Any]) -> str:
+    """`settings` as flwr's --run-config takes them: key=value pairs, strings quoted."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return f"'{v}'" if isinstance(v, str) else repr(v)
+
+    return " ".join(f"{k}={value(v)}" for k, v in settings.items())
 
 
 def free_port() -> int:

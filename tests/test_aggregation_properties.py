@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from strategies import STRATEGIES, records
+from strategies import STRATEGIES
 from strategies.bayes_admm import (
     BayesADMM,
     DualSums,
@@ -43,8 +43,9 @@ from strategies.bayes_admm import (
     server_update,
 )
 from strategies.fedavg import aggregate_round, server_sgd_step, weighted_mean
+from task import records
 from task.config import parse_run_config
-from task.params import flatten, record_to_numpy
+from task.params import flatten, record_to_numpy, unflatten
 from tests.conftest import FakeGrid, reply
 
 # A modest number of examples keeps this file well under a minute; PROPERTY_EXAMPLES=2000 (say)
@@ -816,6 +817,12 @@ def test_strategy_uses_exactly_the_valid_replies(name, data):
         assert_bitwise_equal(
             [strategy.duals.mean, strategy.duals.precision], [duals.mean, duals.precision]
         )
+        expected = server_update(
+            [flatten(r).astype(np.float64) for r in received],
+            [p.astype(np.float64) for p in precisions], duals.mean, duals.precision,
+            strategy.cfg.rho, strategy.prior_precision, strategy.num_clients,
+        )
+        assert_bitwise_equal([strategy.mean, strategy.precision], as_sent(expected))
     else:
         deltas = [
             [r[k] - p if name == "fedavg" else r[k] for k, p in zip(MODEL, before["params"])]
@@ -840,6 +847,51 @@ def test_an_empty_set_of_replies_skips_the_round(name):
     assert strategy.last_round.skipped and strategy.last_round.accepted == 0
     assert strategy.last_round.rejected == strategy.last_round.failed == 0
     assert_same_state(state_of(strategy), before)
+
+
+def as_sent(update):
+    """The global as the strategy keeps it: in the model's dtype (float32), the one it sends."""
+    with np.errstate(over="ignore"):
+        return [v.astype(np.float32).astype(np.float64) for v in (update.mean, update.precision)]
+
+
+def test_bayes_admm_streaming_aggregation_is_server_update_round_after_round():
+    """The strategy folds the replies in one at a time; the pure `server_update` and
+    `accumulate_duals` take them as lists. Same mean, precision and duals, bit for bit, over
+    rounds with partial participation (K = 5 nodes, 2 to 5 replies a round)."""
+    strategy, record = make_strategy("bayes-admm", 1)
+    grid, rng, size = FakeGrid(range(1, 6)), np.random.default_rng(3), 8
+    shapes = {k: np.zeros(s, np.float32) for k, s in MODEL.items()}
+    for server_round in range(1, 5):
+        instructions = list(strategy.configure_train(server_round, record, ConfigRecord(), grid))
+        answering = rng.choice(len(instructions), size=rng.integers(2, 6), replace=False)
+        sent = [(rng.normal(size=size), rng.uniform(0.5, 3.0, size=size)) for _ in answering]
+        sent = [(m.astype(np.float32), s.astype(np.float32)) for m, s in sent]
+        replies = [
+            reply(instructions[i], to_records({
+                records.ARRAYS: unflatten(m, shapes), records.PRECISION: unflatten(s, shapes),
+                records.METRICS: {records.NUM_EXAMPLES: 10},
+            }))
+            for i, (m, s) in zip(answering, sent)
+        ]
+        means = [m.astype(np.float64) for m, _ in sent]
+        precisions = [s.astype(np.float64) for _, s in sent]
+        received = np.zeros(size) if strategy.at_prior else strategy.mean
+        increments = [
+            client_dual_increment(received, strategy.precision, m, s, strategy.cfg.rho,
+                                  strategy.cfg.dual_damping)
+            for m, s in zip(means, precisions)
+        ]
+        duals = accumulate_duals(strategy.duals, increments)
+        expected = server_update(means, precisions, duals.mean, duals.precision, strategy.cfg.rho,
+                                 strategy.prior_precision, 5)
+
+        record, _ = strategy.aggregate_train(server_round, replies)
+        assert strategy.last_round.accepted == len(replies) and not strategy.last_round.skipped
+        assert_bitwise_equal([strategy.duals.mean, strategy.duals.precision],
+                             [duals.mean, duals.precision])
+        assert_bitwise_equal([strategy.mean, strategy.precision], as_sent(expected))
+        assert strategy.fallback_coords == expected.fallback_coords == 0
 
 
 @overflow_ok

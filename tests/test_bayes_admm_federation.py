@@ -8,8 +8,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from benchmarks.inprocess import InProcessGrid, default_run_config, simulate
 from client_app.bayes_admm import committed_duals
 from client_app.state import ClientState
-from strategies import STRATEGIES, records
+from strategies import STRATEGIES
 from strategies.bayes_admm import BayesADMM
+from task import records
 from task.config import parse_run_config
 from task.data import data_spec
 from task.models import build_model

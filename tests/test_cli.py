@@ -172,6 +172,6 @@ def test_bayesfl_run_simulates_a_preset_with_overrides(tmp_path):
 def test_console_federation_and_certs_call_the_project_scripts(tmp_path):
     done = _bayesfl("federation", "--help")
     assert done.returncode == 0 and "start" in done.stdout and "stop" in done.stdout
-    done = _bayesfl("certs", str(tmp_path / "certs"), "superlink.example.org")
+    done = _bayesfl("certs", "--out", str(tmp_path / "certs"), "--san", "superlink.example.org")
     assert done.returncode == 0, done.stderr
     assert {"ca.crt", "server.pem", "server.key"} <= {p.name for p in (tmp_path / "certs").iterdir()}

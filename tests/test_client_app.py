@@ -8,7 +8,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client_app.app import evaluate, train
-from strategies import records
+from task import records
 from task.config import parse_run_config
 from task.data import data_spec, partition
 from task.models import build_model
@@ -152,7 +152,7 @@ from benchmarks.inprocess import _set_task_identity
 from tests.test_client_app import _context, _instruction
 from client_app.app import evaluate, train
 from flwr.app import MessageType
-from strategies import records
+from task import records
 from task.config import parse_run_config
 from task.data import data_spec
 from task.models import build_model

@@ -19,13 +19,15 @@ import ssl
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from client_app.state import read_state_file, state_digest
-from scripts.launch_federation import Federation
+from scripts.federation import Federation
 from server_app.checkpoint import load_checkpoint
-from strategies import STRATEGIES
+from task.methods import METHODS
+from tests.flower_runs import run_config_string
 
 pytestmark = pytest.mark.deployment
 
@@ -37,21 +39,14 @@ ENVIRONMENTS = {
 NUM_NODES = 3
 # The strategy whose clients keep state (duals) between rounds; the restart test checks it.
 STATEFUL_STRATEGY = "bayes-admm"
-SHORT_RUN = {"dataset": "'digits'", "model": "'logreg'", "local-epochs": "1",
-             "fraction-evaluate": "0.0", "seed": "0"}
-# What a strategy needs beyond SHORT_RUN: BayesADMM's diagonal posterior is IVON's; FedPA
-# samples the posterior in round 2 (instead of after 10 FedAvg-like burn-in rounds), from the
-# 2 epochs after its 1 local burn-in epoch.
-STRATEGY_SETTINGS = {
-    "bayes-admm": {"optimizer": "'ivon'"},
-    "fedpa": {"burnin-rounds": "1", "local-epochs": "3"},
-}
+SHORT_RUN = {"dataset": "digits", "model": "logreg", "local-epochs": 1, "fraction-evaluate": 0.0,
+             "seed": 0}
 
 
-def short_run(strategy: str, **settings: str) -> str:
+def short_run(strategy: str, **settings: Any) -> str:
     """A --run-config string for a short run of `strategy` (each key once: flwr rejects repeats)."""
-    config = {"strategy": f"'{strategy}'", **SHORT_RUN, **STRATEGY_SETTINGS.get(strategy, {}), **settings}
-    return " ".join(f"{key}={value}" for key, value in config.items())
+    config = {"strategy": strategy, **SHORT_RUN, **METHODS[strategy].short_run, **settings}
+    return run_config_string(config)
 
 
 @pytest.fixture(scope="module", params=sorted(ENVIRONMENTS))
@@ -143,13 +138,13 @@ def strategy_runs(federation, tmp_path_factory):
     side by side and every node serves all of them, so one run's polling and start-up waits
     overlap the others' work. Maps strategy -> (run id, output dir, final status)."""
     submitted = {}
-    for strategy in sorted(STRATEGIES):
+    for strategy in sorted(METHODS):
         out = tmp_path_factory.mktemp(f"run-{strategy}") / "out"
         run_id = submit(
             federation,
             short_run(
-                strategy, **{"num-server-rounds": "2", "min-train-nodes": str(NUM_NODES),
-                             "round-timeout": "300", "output-dir": f"'{out}'"}
+                strategy, **{"num-server-rounds": 2, "min-train-nodes": NUM_NODES,
+                             "round-timeout": 300, "output-dir": str(out)}
             ),
         )
         submitted[strategy] = (run_id, out)
@@ -159,7 +154,7 @@ def strategy_runs(federation, tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("strategy", sorted(METHODS))
 def test_strategy_completes_a_short_run(federation, strategy_runs, strategy):
     run_id, out, status = strategy_runs[strategy]
     logs = run_logs(federation, run_id)
@@ -179,15 +174,15 @@ def crash_drill(federation, tmp_path_factory):
     """A stateful run during which node 2 dies (SIGKILL to it and its ClientApps) after round 1,
     and comes back with the same key and state-dir once the SuperLink has noticed. Returns
     what the tests below check."""
-    assert STATEFUL_STRATEGY in STRATEGIES, f"{STATEFUL_STRATEGY} is not registered"
+    assert STATEFUL_STRATEGY in METHODS, f"{STATEFUL_STRATEGY} is not registered"
     victim, out = NUM_NODES - 1, tmp_path_factory.mktemp("crash-drill") / "out"
     # round-timeout: above a normal round on a busy 2-core machine (about 25 s) and above the
     # 60 s the SuperLink may take to notice a dead node, so round 2 ends when it does.
     run_id = submit(
         federation,
         short_run(
-            STATEFUL_STRATEGY, **{"num-server-rounds": "4", "min-train-nodes": str(NUM_NODES - 1),
-                                  "round-timeout": "60", "output-dir": f"'{out}'"}
+            STATEFUL_STRATEGY, **{"num-server-rounds": 4, "min-train-nodes": NUM_NODES - 1,
+                                  "round-timeout": 60, "output-dir": str(out)}
         ),
     )
     # Between rounds, not while the node uploads a reply: a reply cut off mid-upload stalls the
@@ -245,8 +240,8 @@ def server_crash_drill(federation, tmp_path_factory):
     `resume-from` as a new run on the same SuperLink and nodes."""
     out = tmp_path_factory.mktemp("server-crash") / "out"
     settings = short_run(
-        STATEFUL_STRATEGY, **{"num-server-rounds": "4", "min-train-nodes": str(NUM_NODES),
-                              "round-timeout": "300", "output-dir": f"'{out}'"}
+        STATEFUL_STRATEGY, **{"num-server-rounds": 4, "min-train-nodes": NUM_NODES,
+                              "round-timeout": 300, "output-dir": str(out)}
     )
     first_run = submit(federation, settings)
     wait_for(lambda: len(rounds_written(out)) >= 2, 300, "round 2", poll=0.2)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from strategies import STRATEGIES
-from tests.flower_runs import LocalFederation
+from task.methods import METHODS
+from tests.flower_runs import LocalFederation, run_config_string
 
 pytestmark = pytest.mark.e2e
 
@@ -19,25 +19,12 @@ def federation(tmp_path_factory):
     fed.stop()
 
 
-# Settings that make each method do its own thing within three short rounds.
-METHOD_SETTINGS = {
-    "fedavg": "",
-    "fedpa": "burnin-rounds=1 local-epochs=3 local-burnin-epochs=1",
-    "bayes-admm": "optimizer='ivon' local-epochs=2 lr=0.0005 temperature=0.001 hess-init=0.001 "
-    "dual-damping=0.001 eval-mc-samples=8",
-}
-
-
-def test_every_strategy_is_covered():
-    assert set(METHOD_SETTINGS) == set(STRATEGIES)
-
-
-@pytest.mark.parametrize("strategy", sorted(METHOD_SETTINGS))
+@pytest.mark.parametrize("strategy", sorted(METHODS))
 def test_strategy_on_heterogeneous_digits_with_10_clients(federation, tmp_path, strategy):
     out = tmp_path / "out"
     run = federation.run(
         f"strategy='{strategy}' dataset='digits' partitioner='dirichlet' dirichlet-alpha=0.5 "
-        f"num-server-rounds=3 output-dir='{out}' {METHOD_SETTINGS[strategy]}",
+        f"num-server-rounds=3 output-dir='{out}' {run_config_string(METHODS[strategy].short_run)}",
         num_supernodes=10,
     )
     assert run.status == "finished:completed", run.logs

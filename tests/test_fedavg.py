@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from strategies import records
 from strategies.fedavg import FedAvg, server_sgd_step, weighted_mean
+from task import records
 from task.config import parse_run_config
 from tests.conftest import reply
 

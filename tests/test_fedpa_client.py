@@ -11,7 +11,7 @@ from client_app import fedavg, fedpa
 from client_app.app import _round
 from client_app.optimizers import build_optimizer
 from client_app.training import train_epochs
-from strategies import records
+from task import records
 from task.config import parse_run_config
 from task.data import data_spec
 from task.models import build_model

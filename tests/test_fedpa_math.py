@@ -15,12 +15,11 @@ from client_app.fedpa import (
     IterateAverager,
     StreamingPosteriorDelta,
     correction_norm,
-    flatten_params,
     sampling_active,
     sanitize_delta,
-    unflatten_like,
 )
 from strategies.fedavg import aggregate_round, server_sgd_step, weighted_mean
+from task.params import flatten, split_flat
 
 # ---------------------------------------------------------------------------------------------
 # Client: streaming delta against a dense solve
@@ -76,14 +75,14 @@ def test_streaming_delta_couples_parameters_split_across_tensors() -> None:
     shapes = [(3, 4), (5,), (2, 3, 2)]
     rho = 0.5
     theta_tensors = [torch.from_numpy(rng.normal(size=shape)) for shape in shapes]
-    theta = flatten_params(theta_tensors)
+    theta = flatten(theta_tensors)
     posterior = StreamingPosteriorDelta(theta, rho)
     flat_samples = []
     for _ in range(5):
         sample_tensors = [
             tensor + torch.from_numpy(rng.normal(size=tensor.shape)) for tensor in theta_tensors
         ]
-        flat_sample = flatten_params(sample_tensors)
+        flat_sample = flatten(sample_tensors)
         posterior.add_sample(flat_sample)
         flat_samples.append(flat_sample.numpy())
     samples = np.stack(flat_samples)
@@ -94,7 +93,7 @@ def test_streaming_delta_couples_parameters_split_across_tensors() -> None:
 
     # Each piece must be its tensor's slice of the joint solve.
     offset = 0
-    for piece, shape in zip(unflatten_like(got, theta_tensors), shapes):
+    for piece, shape in zip(split_flat(got, [t.shape for t in theta_tensors]), shapes):
         size = int(np.prod(shape))
         assert piece.shape == shape
         np.testing.assert_array_equal(
@@ -111,19 +110,6 @@ def test_streaming_delta_couples_parameters_split_across_tensors() -> None:
         per_tensor.append(dense_reference_delta(samples[:, block], theta.numpy()[block], rho))
         offset += size
     assert relative_error(np.concatenate(per_tensor), expected) > 0.1
-
-
-def test_flatten_params_copies_and_unflatten_like_inverts_it() -> None:
-    tensors = [torch.arange(6.0).reshape(2, 3), torch.tensor([7.0]), torch.ones(2, 1, 2)]
-    flat = flatten_params(tensors)
-    np.testing.assert_array_equal(flat.numpy(), [0, 1, 2, 3, 4, 5, 7, 1, 1, 1, 1])
-    tensors[0][0, 0] = 100.0  # an optimizer step updates parameters in place
-    assert flat[0].item() == 0.0
-    restored = unflatten_like(flat, tensors)
-    assert [piece.shape for piece in restored] == [tensor.shape for tensor in tensors]
-    np.testing.assert_array_equal(restored[0].numpy(), [[0, 1, 2], [3, 4, 5]])
-    with pytest.raises(ValueError):
-        unflatten_like(flat[:-1], tensors)
 
 
 @settings(max_examples=60, deadline=None)

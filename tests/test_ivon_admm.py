@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from task.ivon_admm import IVONADMM, effective_sample_size
+from tests.ivon_admm_reference import ReferenceIVONADMM
 
 
 def _mlp() -> nn.Module:
@@ -42,6 +43,17 @@ def _train(model, optimizer, steps: int) -> None:
         optimizer.step(closure)
 
 
+def _assert_same_training(expected_model, expected, model, optimizer, steps: int = 20) -> None:
+    """Train both on the same batches and noise; weights, hess and momentum must match bit for bit."""
+    _train(expected_model, expected, steps)
+    _train(model, optimizer, steps)
+    for expected_param, param in zip(expected_model.parameters(), model.parameters()):
+        assert torch.equal(expected_param, param)
+    for expected_group, group in zip(expected.param_groups, optimizer.param_groups):
+        assert torch.equal(expected_group["hess"], group["hess"])
+        assert torch.equal(expected_group["momentum"], group["momentum"])
+
+
 @pytest.mark.parametrize("mc_samples", [1, 2])
 def test_reproduces_stock_ivon_bit_for_bit_without_prior_mean_or_duals(mc_samples):
     ess, prior_precision = 50.0, 3.0
@@ -56,14 +68,7 @@ def test_reproduces_stock_ivon_bit_for_bit_without_prior_mean_or_duals(mc_sample
     admm.set_prior(torch.zeros(num_params), prior_precision)
     admm.set_duals(torch.zeros(num_params), torch.zeros(num_params), num_examples=32, temperature=0.5)
 
-    _train(stock_model, stock, steps=20)
-    _train(admm_model, admm, steps=20)
-
-    for stock_param, admm_param in zip(stock_model.parameters(), admm_model.parameters()):
-        assert torch.equal(stock_param, admm_param)
-    for stock_group, admm_group in zip(stock.param_groups, admm.param_groups):
-        assert torch.equal(stock_group["hess"], admm_group["hess"])
-        assert torch.equal(stock_group["momentum"], admm_group["momentum"])
+    _assert_same_training(stock_model, stock, admm_model, admm)
     assert stock.current_step == admm.current_step == 20
     # The weights did move, so equality is not the trivial one.
     assert not torch.equal(admm_model[0].weight, _mlp()[0].weight)
@@ -233,27 +238,18 @@ def _admm_terms(num_params: int, seed: int = 5):
 
 
 @pytest.mark.parametrize("mc_samples", [1, 2])
-def test_matches_the_unfused_implementation_bit_for_bit_with_prior_and_duals(mc_samples):
-    from benchmarks.system import UnfusedIVONADMM  # IVONADMM before the in-place rewrite
-
+def test_matches_the_reference_implementation_bit_for_bit_with_prior_and_duals(mc_samples):
     settings = dict(lr=0.1, ess=50.0, hess_init=0.3, beta2=0.99, mc_samples=mc_samples)
     reference_model = _mlp()
     model = copy.deepcopy(reference_model)
-    reference = UnfusedIVONADMM(_param_groups(reference_model), **settings)
+    reference = ReferenceIVONADMM(_param_groups(reference_model), **settings)
     optimizer = IVONADMM(_param_groups(model), **settings)
     terms = _admm_terms(sum(p.numel() for p in model.parameters()))
     for opt in (reference, optimizer):
         opt.set_prior(terms["prior_mean"], terms["prior_precision"])
         opt.set_duals(terms["dual_mean"], terms["dual_precision"], num_examples=32, temperature=0.5)
 
-    _train(reference_model, reference, steps=20)
-    _train(model, optimizer, steps=20)
-
-    for reference_param, param in zip(reference_model.parameters(), model.parameters()):
-        assert torch.equal(reference_param, param)
-    for reference_group, group in zip(reference.param_groups, optimizer.param_groups):
-        assert torch.equal(reference_group["hess"], group["hess"])
-        assert torch.equal(reference_group["momentum"], group["momentum"])
+    _assert_same_training(reference_model, reference, model, optimizer)
 
 
 @pytest.mark.parametrize(
@@ -269,14 +265,7 @@ def test_reproduces_stock_ivon_bit_for_bit_with_other_stock_options(settings):
     stock = ivon.IVON(_param_groups(stock_model), weight_decay=prior_precision / ess, **common)
     admm = IVONADMM(_param_groups(admm_model), weight_decay=prior_precision / ess, **common)
 
-    _train(stock_model, stock, steps=20)
-    _train(admm_model, admm, steps=20)
-
-    for stock_param, admm_param in zip(stock_model.parameters(), admm_model.parameters()):
-        assert torch.equal(stock_param, admm_param)
-    for stock_group, admm_group in zip(stock.param_groups, admm.param_groups):
-        assert torch.equal(stock_group["hess"], admm_group["hess"])
-        assert torch.equal(stock_group["momentum"], admm_group["momentum"])
+    _assert_same_training(stock_model, stock, admm_model, admm)
 
 
 def test_state_assigned_from_outside_is_copied_in_and_never_written():

@@ -1,4 +1,5 @@
-"""The Array codec (`encode_array`, `decode_array`) against Flower's and numpy's own."""
+"""The Array codec (`encode_array`, `decode_array`) against Flower's and numpy's own, and the flat
+vector helpers (`flatten`, `split_flat`, `unflatten`)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from task.params import decode_array, encode_array
+from task.params import decode_array, encode_array, flatten, split_flat, unflatten
 
 DTYPES = st.sampled_from([
     np.float16, np.float32, np.float64, ">f4", ">f8", np.int8, np.int32, np.int64, np.uint16,
@@ -123,3 +125,35 @@ GOOD = npy_bytes(np.arange(6.0).reshape(2, 3))
 def test_bytes_that_are_not_a_plain_npy_array_raise_value_error(data, stype):
     with pytest.raises(ValueError, match="not a readable numpy array"):
         decode_array(Array(dtype="float64", shape=(2, 3), stype=stype, data=data))
+
+
+# ------------------------------------------------------------------------------ flat vectors
+
+
+def test_flatten_copies_tensors_and_split_flat_inverts_it() -> None:
+    tensors = [torch.arange(6.0).reshape(2, 3), torch.tensor([7.0]), torch.ones(2, 1, 2)]
+    flat = flatten(tensors)
+    np.testing.assert_array_equal(flat.numpy(), [0, 1, 2, 3, 4, 5, 7, 1, 1, 1, 1])
+    tensors[0][0, 0] = 100.0  # an optimizer step updates parameters in place
+    assert flat[0].item() == 0.0
+    restored = split_flat(flat, [t.shape for t in tensors])
+    assert [piece.shape for piece in restored] == [tensor.shape for tensor in tensors]
+    np.testing.assert_array_equal(restored[0].numpy(), [[0, 1, 2], [3, 4, 5]])
+    restored[1][0] = -1.0  # views: writing a piece writes the vector
+    assert flat[6].item() == -1.0
+    with pytest.raises(ValueError, match="does not hold 11 values"):
+        split_flat(flat[:-1], [t.shape for t in tensors])
+
+
+def test_flatten_and_unflatten_round_trip_numpy_arrays_with_their_dtypes() -> None:
+    like = {"w": np.arange(6, dtype=np.float32).reshape(3, 2), "b": np.array([7], dtype=np.float64)}
+    flat = flatten(like)
+    assert flat.dtype == np.float64 and flat.tolist() == [0, 1, 2, 3, 4, 5, 7]
+    back = unflatten(flat + 0.5, like)
+    assert list(back) == ["w", "b"] and back["w"].dtype == np.float32 and back["w"].shape == (3, 2)
+    np.testing.assert_array_equal(back["w"], like["w"] + 0.5)
+    assert flatten({}).shape == (0,)
+    with pytest.raises(ValueError, match="does not hold 7 values"):
+        unflatten(flat[:-1], like)
+    with pytest.raises(ValueError):
+        split_flat(flat.reshape(7, 1), [(7,)])

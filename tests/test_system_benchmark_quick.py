@@ -1,4 +1,5 @@
-"""Smoke test of `benchmarks/system.py --quick`: it runs, and every table it writes is complete."""
+"""Smoke test of `python -m benchmarks.system --quick`: it runs, and every table it writes is
+complete."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.system.real_runs import flower_floor_rows
+from benchmarks.system.settings import QUICK
+from benchmarks.system.step import STEP_OPTIMIZERS, STEP_PARTS
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_TABLES = {"step_time", "aggregation", "round_split", "round_summary", "bytes"}
 
@@ -20,12 +25,9 @@ def _numbers(row: dict) -> dict:
 
 
 def test_quick_mode_writes_every_table_with_finite_numbers(tmp_path):
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.system import QUICK, STEP_OPTIMIZERS, STEP_PARTS
-
     out = tmp_path / "system"
     done = subprocess.run(
-        [sys.executable, "benchmarks/system.py", "--quick", "--threads", "1", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.system", "--quick", "--threads", "1", "--out", str(out)],
         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
         timeout=240,
     )
@@ -66,10 +68,7 @@ def test_quick_mode_writes_every_table_with_finite_numbers(tmp_path):
 
 @pytest.mark.e2e
 def test_flower_floor_rows_come_from_a_real_flwr_run_of_the_no_op_app(tmp_path):
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.system import _flower_floor_rows
-
-    rows = _flower_floor_rows("digits mlp", {"model": "mlp"}, 3, 2, 1, tmp_path, 0, lambda _: None)
+    rows = flower_floor_rows("digits mlp", {"model": "mlp"}, 3, 2, 1, tmp_path, 0, lambda _: None)
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["round_seconds"] > 0 and r["clients"] == 3 for r in rows)
     assert rows[0]["params"] == 64 * 200 + 200 + 200 * 100 + 100 + 100 * 10 + 10  # the digits MLP

@@ -1,4 +1,6 @@
-"""Make a private CA and a TLS certificate for the SuperLink.
+"""Make a private CA and a TLS certificate for the SuperLink: the project's one certificate maker.
+
+    python scripts/make_certs.py --out certs --san superlink.example.org --san 203.0.113.10
 
 Writes, into the output folder:
   ca.crt      the CA certificate: give it to every SuperNode and to `flwr` users
@@ -10,10 +12,12 @@ The server certificate names `superlink` (the service name inside compose), `loc
 `127.0.0.1` and `::1` (the SuperLink's own SuperExec and a CLI on the same host dial these), and
 every extra name or address given with --san (the SuperLink's public DNS name or IP).
 
-Runs wherever the `cryptography` package is installed, which includes every Flower image:
-`docker-compose -f docker/compose.certs.yml run --rm certs` (see docs/DOCKER.md).
-Existing files are kept unless --force is given, so a rerun never silently replaces a CA the
-SuperNodes already trust.
+Keys are ECDSA P-384 (as strong as RSA 7680, made in a millisecond). Runs wherever the
+`cryptography` package is installed, which includes every Flower install and image: Docker
+(`docker compose -f docker/compose.certs.yml run --rm certs`, docs/DOCKER.md) and
+`scripts/launch_federation.py` use it. A complete set of existing files is kept unless --force
+is given, so a rerun never silently replaces a CA the SuperNodes already trust; an incomplete
+set is an error.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import datetime as dt
 import ipaddress
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEFAULT_NAMES = ("superlink", "localhost", "127.0.0.1", "::1")
@@ -41,11 +46,11 @@ def san_entry(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
-def new_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP384R1())
 
 
-def key_pem(key: rsa.RSAPrivateKey) -> bytes:
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -53,11 +58,19 @@ def key_pem(key: rsa.RSAPrivateKey) -> bytes:
     )
 
 
+def key_usage(*allowed: str) -> x509.KeyUsage:
+    flags = (
+        "digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+        "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only",
+    )
+    return x509.KeyUsage(**{flag: flag in allowed for flag in flags})
+
+
 def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def make_ca(days: int) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+def make_ca(days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = new_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bayesfl federation CA")])
     now = dt.datetime.now(dt.timezone.utc)
@@ -70,23 +83,16 @@ def make_ca(days: int) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(key_usage("digital_signature", "key_cert_sign", "crl_sign"), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
+        .sign(key, hashes.SHA384())
     )
     return key, cert
 
 
 def make_server_cert(
-    ca_key: rsa.RSAPrivateKey, ca_cert: x509.Certificate, names: list[str], days: int
-) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, names: list[str], days: int
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = new_key()
     now = dt.datetime.now(dt.timezone.utc)
     cert = (
@@ -100,18 +106,11 @@ def make_server_cert(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName([san_entry(n) for n in names]), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, key_encipherment=True, key_cert_sign=False,
-                crl_sign=False, content_commitment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(key_usage("digital_signature"), critical=True)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
         )
-        .sign(ca_key, hashes.SHA256())
+        .sign(ca_key, hashes.SHA384())
     )
     return key, cert
 
@@ -134,6 +133,33 @@ def write(path: Path, data: bytes, mode: int, owner: tuple[int, int] | None) -> 
     os.replace(tmp, path)
 
 
+def make_certs(
+    out: Path,
+    names: Iterable[str] = (),
+    days: int = 365,
+    owner: tuple[int, int] | None = None,
+    force: bool = False,
+) -> list[str] | None:
+    """Write the CA and the server certificate for DEFAULT_NAMES and `names` into `out`; the
+    names certified, or None when a complete set was there already and is kept."""
+    existing = [f for f in FILES if (out / f).exists()]
+    if existing and not force:
+        if len(existing) == len(FILES):
+            return None
+        missing = ", ".join(f for f in FILES if f not in existing)
+        raise FileExistsError(f"{out}: incomplete certificates ({missing} missing); use --force")
+    names = list(dict.fromkeys([*DEFAULT_NAMES, *names]))
+    out.mkdir(parents=True, exist_ok=True)
+    os.chmod(out, 0o755)  # the SuperLink's user must be able to enter it
+    ca_key, ca_cert = make_ca(days)
+    key, cert = make_server_cert(ca_key, ca_cert, names, days)
+    write(out / "ca.key", key_pem(ca_key), 0o600, None)
+    write(out / "ca.crt", cert_pem(ca_cert), 0o644, None)
+    write(out / "server.key", key_pem(key), 0o600, owner)
+    write(out / "server.pem", cert_pem(cert) + cert_pem(ca_cert), 0o644, None)
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("certs"), help="output folder")
@@ -153,26 +179,16 @@ def main(argv: list[str] | None = None) -> int:
         help="replace existing files (also: environment variable CERTS_FORCE=1)",
     )
     args = parser.parse_args(argv)
-
-    out: Path = args.out
-    existing = [f for f in FILES if (out / f).exists()]
-    if existing and not args.force:
-        print(f"{out}: {', '.join(existing)} already there; kept (use --force to replace)")
-        return 0
-
     extra = [n.strip() for item in args.san for n in item.split(",") if n.strip()]
-    names = list(dict.fromkeys([*DEFAULT_NAMES, *extra]))
-    owner = parse_owner(args.owner)
-
-    out.mkdir(parents=True, exist_ok=True)
-    os.chmod(out, 0o755)  # the SuperLink's user must be able to enter it
-    ca_key, ca_cert = make_ca(args.days)
-    key, cert = make_server_cert(ca_key, ca_cert, names, args.days)
-    write(out / "ca.key", key_pem(ca_key), 0o600, None)
-    write(out / "ca.crt", cert_pem(ca_cert), 0o644, None)
-    write(out / "server.key", key_pem(key), 0o600, owner)
-    write(out / "server.pem", cert_pem(cert) + cert_pem(ca_cert), 0o644, None)
-    print(f"{out}: CA and server certificate for {', '.join(names)}")
+    try:
+        names = make_certs(args.out, extra, args.days, parse_owner(args.owner), args.force)
+    except FileExistsError as err:
+        print(err, file=sys.stderr)
+        return 1
+    if names is None:
+        print(f"{args.out}: {', '.join(FILES)} already there; kept (use --force to replace)")
+    else:
+        print(f"{args.out}: CA and server certificate for {', '.join(names)}")
     return 0
 
 

@@ -1,0 +1,7 @@
+"""`python -m benchmarks.system`: see benchmarks/system/__init__.py."""
+
+import sys
+
+from benchmarks.system.run import main
+
+sys.exit(main())
