@@ -13,8 +13,6 @@ all parameters, so running the recursion tensor by tensor would be a different a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from flwr.app import MetricRecord, RecordDict
 from torch import Tensor
