@@ -155,14 +155,21 @@ class BayesADMM(FederatedStrategy):
         self.initial_weights = initial_arrays
         size = sum(a.size for a in self.like.values())
         # The isotropic variant fixes every covariance to the identity (prior included).
-        self.prior_precision = 1.0 if cfg.posterior == "isotropic" else cfg.prior_precision
+        delta = 1.0 if cfg.posterior == "isotropic" else cfg.prior_precision
+        # The prior as the clients receive it (the model's dtype, e.g. float32(0.1) =
+        # 0.10000000149), so that both sides compute the same round-1 dual increments.
+        self.prior_precision = self.on_the_wire(np.full(size, delta))
         self.mean = np.zeros(size)
-        self.precision = np.full(size, self.prior_precision)
+        self.precision = self.prior_precision.copy()
         self.at_prior = True
         self.duals = DualSums.zeros_like(self.mean)
         self.accepted_round: dict[int, int] = {}
         self.num_clients = 0
         self.fallback_coords = 0
+
+    def on_the_wire(self, vector: np.ndarray) -> np.ndarray:
+        """`vector` rounded to the model's dtype per key, as a client decodes it, in float64."""
+        return flatten(unflatten(vector, self.like)).astype(np.float64)
 
     def state_dict(self):
         arrays, meta = super().state_dict()
@@ -245,8 +252,7 @@ class BayesADMM(FederatedStrategy):
         # Keep exactly what goes on the wire (the model's dtype), so that the server and the
         # clients compute the same dual increments from the global they share.
         with np.errstate(over="ignore"):
-            mean = flatten(unflatten(update.mean, self.like)).astype(np.float64)
-            precision = flatten(unflatten(update.precision, self.like)).astype(np.float64)
+            mean, precision = self.on_the_wire(update.mean), self.on_the_wire(update.precision)
         if not (np.isfinite(mean).all() and np.isfinite(precision).all() and (precision > 0).all()):
             return self.skip_round("the new global does not fit the model's dtype")
         self.mean, self.precision, self.duals = mean, precision, duals

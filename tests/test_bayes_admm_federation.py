@@ -161,3 +161,19 @@ def test_a_global_outside_float32_skips_the_round(fake_grid):
     assert strategy.last_round.skipped and strategy.at_prior and strategy.accepted_round == {}
     for key, value in strategy.state_dict()[0].items():
         np.testing.assert_array_equal(value, before[key])
+
+
+@pytest.mark.parametrize("prior_precision", [0.1, 0.01])
+def test_server_dual_sums_equal_the_clients_bit_for_bit_after_round_one(prior_precision):
+    # float32(0.1) = 0.10000000149: the server must start from the prior the clients receive.
+    run_config = {**default_run_config(), **SMALL, "prior-precision": prior_precision}
+    cfg = parse_run_config(run_config)
+    grid = InProcessGrid(run_config, num_nodes=3)
+    strategy = STRATEGIES["bayes-admm"](cfg, model_to_record(build_model(cfg, data_spec(cfg))))
+    np.testing.assert_array_equal(strategy.precision, np.float64(np.float32(prior_precision)))
+    replies = grid.send_and_receive(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    strategy.aggregate_train(1, replies)
+    assert strategy.last_round.accepted == 3
+    held = [_node_duals(grid, strategy, node) for node in grid.contexts]
+    np.testing.assert_array_equal(sum(v for v, _ in held), strategy.duals.mean)
+    np.testing.assert_array_equal(sum(V for _, V in held), strategy.duals.precision)
