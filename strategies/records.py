@@ -10,3 +10,5 @@ PRECISION = "precision"  # BayesADMM: a diagonal Gaussian's precision, same keys
 AT_PRIOR = "at-prior"  # BayesADMM: the server global is still the prior (no update applied yet)
 ACCEPTED_ROUND = "accepted-round"  # BayesADMM: last round whose reply from this node was used
 STATE_KEY = "state-key"  # names the clients' lasting state; kept when a run is resumed
+CLIENT_STATE_DIR = "client-state-dir"  # the folder simulated nodes on the server's machine keep
+CLIENT_STATE_FOLDER = "client-state"  # state in, one subfolder per partition: <output-dir>/client-state

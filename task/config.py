@@ -59,6 +59,9 @@ class RunConfig(BaseModel):
     dirichlet_alpha: float = Field(0.5, gt=0)
     classes_per_client: Count = Field(2, ge=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    # Share of each client's data held out (seeded) for client-side evaluation; 0: none, every
+    # example trains and clients send no evaluation metrics.
+    client_test_fraction: float = Field(0.2, ge=0, lt=1)
     model: ModelName = "mlp"
     mlp_hidden: str = "200,100"
     activation: Literal["relu", "sigmoid", "tanh"] = "relu"

@@ -1,6 +1,8 @@
 """Checkpoints after every round, and resuming a run whose ServerApp died."""
 
 import json
+import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -37,23 +39,45 @@ SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("strategy", sorted(SETTINGS))
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path, strategy):
-    _set_task_identity()
-    base = {**default_run_config(), "strategy": strategy, "model": "logreg", "num-server-rounds": 4,
-            "fraction-train": 0.5, "min-train-nodes": 2, "fraction-evaluate": 0.0, **SETTINGS[strategy]}
+def _base(strategy):
+    return {**default_run_config(), "strategy": strategy, "model": "logreg", "num-server-rounds": 4,
+            "fraction-train": 0.5, "min-train-nodes": 2, "fraction-evaluate": 0.0,
+            **SETTINGS[strategy]}
 
+
+def _crash_at_round_3(tmp_path, base):
+    """Run `base` in tmp_path/broken until the ServerApp dies in round 3."""
+    broken = {**base, "output-dir": str(tmp_path / "broken")}
+    with pytest.raises(ServerDied):
+        run(CrashingGrid(broken, 6, crash_round=3), parse_run_config(broken))
+    assert load_checkpoint(tmp_path / "broken").round == 2
+    return {**broken, "resume-from": str(tmp_path / "broken"), "output-dir": ""}
+
+
+def _new_flower_run(run_config, num_nodes):
+    """The nodes of a new Flower run: new Contexts, empty memory, another run id."""
+    grid = InProcessGrid(run_config, num_nodes)
+    for context in grid.contexts.values():
+        context.run_id = 2
+    return grid
+
+
+@pytest.mark.parametrize("strategy", sorted(SETTINGS))
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, strategy, caplog):
+    _set_task_identity()
+    base = _base(strategy)
     whole = {**base, "output-dir": str(tmp_path / "whole")}
     run(InProcessGrid(whole, 6), parse_run_config(whole))
+    # The nodes deleted their state at the end of the run, and the server its empty folder.
+    assert not (tmp_path / "whole" / "client-state").exists()
 
-    broken = {**base, "output-dir": str(tmp_path / "broken")}
-    grid = CrashingGrid(broken, 6, crash_round=3)
-    with pytest.raises(ServerDied):
-        run(grid, parse_run_config(broken))
-    assert load_checkpoint(tmp_path / "broken").round == 2
-    grid.crash_round = None  # the nodes live on; a new ServerApp resumes the run
-    resumed = {**broken, "resume-from": str(tmp_path / "broken"), "output-dir": ""}
-    run(grid, parse_run_config(resumed))
+    resumed = _crash_at_round_3(tmp_path, base)
+    if strategy == "bayes-admm":  # simulated nodes filed their state in the run's folder
+        assert sorted(p.name for p in (tmp_path / "broken" / "client-state").iterdir())
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        run(_new_flower_run(resumed, 6), parse_run_config(resumed))
+    restored = [r for r in caplog.records if "Restored client state" in r.getMessage()]
+    assert bool(restored) == (strategy == "bayes-admm")
 
     a = json.loads((tmp_path / "whole" / "results.json").read_text())
     b = json.loads((tmp_path / "broken" / "results.json").read_text())
@@ -63,6 +87,39 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, strategy):
     with np.load(tmp_path / "whole" / "model.npz") as x, np.load(tmp_path / "broken" / "model.npz") as y:
         for k in x.files:
             np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_a_node_without_the_state_the_server_counts_on_answers_with_an_error(tmp_path):
+    _set_task_identity()
+    resumed = _crash_at_round_3(tmp_path, _base("bayes-admm"))
+    checkpoint = load_checkpoint(tmp_path / "broken")
+    accepted = dict(zip(checkpoint.strategy_arrays["accepted-nodes"].tolist(),
+                        checkpoint.strategy_arrays["accepted-rounds"].tolist()))
+    shutil.rmtree(tmp_path / "broken" / "client-state")  # the nodes' state is gone
+    run(_new_flower_run(resumed, 6), parse_run_config(resumed))
+
+    rounds = json.loads((tmp_path / "broken" / "results.json").read_text())["rounds"]
+    round_3 = rounds[2]
+    assert round_3["round"] == 3 and round_3["failed"] > 0
+    for problem in round_3["problems"]:
+        if "client state lost" in problem:
+            node = int(problem.split()[1].rstrip(":"))
+            assert (
+                f"the server's dual sums hold this node's duals up to round {accepted[node]}, "
+                "the node has no client state (file "
+            ) in problem
+    # Every sampled node the server had accepted refused; none trained on zero duals.
+    refused = sum("client state lost" in p for r in rounds[2:] for p in r["problems"])
+    assert refused == sum(r["failed"] for r in rounds[2:]) > 0
+
+
+def test_a_finished_bayes_admm_run_cannot_be_extended(tmp_path):
+    _set_task_identity()
+    first = {**_base("bayes-admm"), "num-server-rounds": 1, "output-dir": str(tmp_path / "old")}
+    run(InProcessGrid(first, 3), parse_run_config(first))
+    more = {**first, "num-server-rounds": 2, "resume-from": str(tmp_path / "old")}
+    with pytest.raises(ConfigError, match="finished at round 1 and its nodes deleted their"):
+        run(InProcessGrid(more, 3), parse_run_config(more))
 
 
 def _cfg(tmp_path, **overrides):
