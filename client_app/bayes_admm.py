@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from client_app.fedpa import flatten_params
 from client_app.local import ClientRound
@@ -44,6 +44,15 @@ def committed_duals(saved: dict[str, np.ndarray], accepted_round: int, size: int
         dual_mean = dual_mean + saved["pending-dual-mean"]
         dual_precision = dual_precision + saved["pending-dual-precision"]
     return dual_mean, dual_precision
+
+
+def accepted_round_of(config, client_id: str) -> int:
+    """The last round whose reply from this node the server used: sent for the node, or looked
+    up in the table sent to nodes the (resumed) run does not know yet."""
+    if records.ACCEPTED_ROUND in config:
+        return int(config[records.ACCEPTED_ROUND])
+    table = dict(zip(config[records.ACCEPTED_CLIENTS], config[records.ACCEPTED_ROUNDS]))
+    return int(table.get(client_id, 0))
 
 
 def check_state_covers(saved: dict[str, np.ndarray], accepted_round: int, where: str) -> None:
@@ -82,7 +91,7 @@ def train(round_: ClientRound) -> RecordDict:
         global_mean = np.zeros_like(global_mean)
 
     saved = round_.state.load()
-    accepted_round = int(round_.config[records.ACCEPTED_ROUND])
+    accepted_round = accepted_round_of(round_.config, round_.state.client_id)
     check_state_covers(saved, accepted_round, round_.state.where())
     dual_mean, dual_precision = committed_duals(saved, accepted_round, global_mean.size)
     num_examples = len(round_.train)
@@ -142,6 +151,7 @@ def train(round_: ClientRound) -> RecordDict:
             records.METRICS: MetricRecord(
                 {records.NUM_EXAMPLES: num_examples, "loss": loss, "lr": lr}
             ),
+            records.CONFIG: ConfigRecord({records.CLIENT_ID: round_.state.client_id}),
         }
     )
 

@@ -110,6 +110,14 @@ class ClientState:
         folder = state_folder(context.node_config, client_state_dir)
         self.path = folder / f"run-{key}.npz" if folder is not None else None
 
+    @property
+    def client_id(self) -> str:
+        """Who this node is across Flower runs: its partition in simulation (a resumed
+        simulation gives every node a new node id), else its node id."""
+        if is_simulated(self.context.node_config):
+            return f"partition-{self.context.node_config['partition-id']}"
+        return f"node-{self.context.node_id}"
+
     def where(self) -> str:
         """Where the state lives beyond memory, for messages."""
         return f"file {self.path}" if self.path is not None else "node memory only (no state-dir)"

@@ -12,3 +12,8 @@ ACCEPTED_ROUND = "accepted-round"  # BayesADMM: last round whose reply from this
 STATE_KEY = "state-key"  # names the clients' lasting state; kept when a run is resumed
 CLIENT_STATE_DIR = "client-state-dir"  # the folder simulated nodes on the server's machine keep
 CLIENT_STATE_FOLDER = "client-state"  # state in, one subfolder per partition: <output-dir>/client-state
+CLIENT_ID = "client-id"  # BayesADMM reply: the node's identity that outlives a Flower run
+# BayesADMM, first message to a node whose client-id this run has not seen (after a resume, when
+# a new Flower run gave the nodes new ids): the resumed run's accepted round per client-id.
+ACCEPTED_CLIENTS = "accepted-clients"
+ACCEPTED_ROUNDS = "accepted-rounds"

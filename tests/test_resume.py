@@ -54,12 +54,21 @@ def _crash_at_round_3(tmp_path, base):
     return {**broken, "resume-from": str(tmp_path / "broken"), "output-dir": ""}
 
 
+class NewFlowerRun(InProcessGrid):
+    """The nodes of a new Flower run: new Contexts with empty memory, another run id and new
+    node ids (Flower draws them per simulation; these keep the old ones' order, so that node
+    sampling and summation order, and with them the results, can match bit for bit)."""
+
+    def __init__(self, run_config, num_nodes):
+        super().__init__(run_config, num_nodes)
+        self.contexts = {1000 + node: context for node, context in self.contexts.items()}
+        for node, context in self.contexts.items():
+            context.run_id, context.node_id = 2, node
+        self.node_ids = sorted(self.contexts)
+
+
 def _new_flower_run(run_config, num_nodes):
-    """The nodes of a new Flower run: new Contexts, empty memory, another run id."""
-    grid = InProcessGrid(run_config, num_nodes)
-    for context in grid.contexts.values():
-        context.run_id = 2
-    return grid
+    return NewFlowerRun(run_config, num_nodes)
 
 
 @pytest.mark.parametrize("strategy", sorted(SETTINGS))
@@ -93,8 +102,9 @@ def test_a_node_without_the_state_the_server_counts_on_answers_with_an_error(tmp
     _set_task_identity()
     resumed = _crash_at_round_3(tmp_path, _base("bayes-admm"))
     checkpoint = load_checkpoint(tmp_path / "broken")
-    accepted = dict(zip(checkpoint.strategy_arrays["accepted-nodes"].tolist(),
+    accepted = dict(zip(checkpoint.strategy_arrays["accepted-clients"].tolist(),
                         checkpoint.strategy_arrays["accepted-rounds"].tolist()))
+    assert set(accepted) <= {f"partition-{p}" for p in range(6)} and accepted
     shutil.rmtree(tmp_path / "broken" / "client-state")  # the nodes' state is gone
     run(_new_flower_run(resumed, 6), parse_run_config(resumed))
 
@@ -103,10 +113,11 @@ def test_a_node_without_the_state_the_server_counts_on_answers_with_an_error(tmp
     assert round_3["round"] == 3 and round_3["failed"] > 0
     for problem in round_3["problems"]:
         if "client state lost" in problem:
-            node = int(problem.split()[1].rstrip(":"))
+            partition = int(problem.split()[1].rstrip(":")) - 1001  # NewFlowerRun's node ids
             assert (
-                f"the server's dual sums hold this node's duals up to round {accepted[node]}, "
-                "the node has no client state (file "
+                f"the server's dual sums hold this node's duals up to round "
+                f"{accepted[f'partition-{partition}']}, the node has no client state (file "
+                f"{tmp_path / 'broken' / 'client-state' / f'partition-{partition}'}"
             ) in problem
     # Every sampled node the server had accepted refused; none trained on zero duals.
     refused = sum("client state lost" in p for r in rounds[2:] for p in r["problems"])
