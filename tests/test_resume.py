@@ -166,3 +166,43 @@ def test_resume_with_a_different_experiment_is_refused(tmp_path):
     finished = _cfg(tmp_path, **{"resume-from": str(tmp_path / "old"), "num-server-rounds": 1})
     with pytest.raises(ConfigError, match="nothing left to run"):
         run(InProcessGrid(finished.to_dict(), 2), finished)
+
+
+@pytest.mark.e2e
+def test_a_stopped_flwr_simulation_resumes_with_every_nodes_duals(tmp_path):
+    """The real thing: `flwr stop` a BayesADMM simulation after a checkpoint, then `flwr run`
+    with `resume-from` starts a new Flower run (empty node memory, new node ids). Every node
+    must find its duals in <output-dir>/client-state: a node without them would refuse with an
+    error reply (`failed`)."""
+    import time
+
+    from tests.flower_runs import LocalFederation
+
+    out = tmp_path / "out"
+    rounds = 40  # enough that `flwr stop` lands before the end
+    settings = ("strategy='bayes-admm' optimizer='ivon' model='logreg' local-epochs=1 "
+                f"num-server-rounds={rounds} fraction-evaluate=0.0 eval-mc-samples=2")
+    federation = LocalFederation(tmp_path / "flwr-home")
+    try:
+        started = federation.flwr("run", ".", "--format", "json", "--run-config",
+                                  f"{settings} output-dir='{out}'", "--federation-config",
+                                  "num-supernodes=4")
+        assert started.returncode == 0, started.stdout + started.stderr
+        run_id = json.loads(started.stdout)["run-id"]
+        deadline = time.monotonic() + 300
+        while not ((out / CHECKPOINT).exists() and load_checkpoint(out).round >= 1):
+            assert time.monotonic() < deadline, federation.flwr("log", str(run_id), "--show").stdout
+            time.sleep(0.2)
+        assert federation.flwr("stop", str(run_id)).returncode == 0
+        stopped_at = load_checkpoint(out).round
+        assert stopped_at < rounds and list((out / "client-state").iterdir())
+
+        resumed = federation.run(f"{settings} resume-from='{out}'", num_supernodes=4)
+        assert resumed.status == "finished:completed", resumed.logs
+    finally:
+        federation.stop()
+    results = json.loads((out / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == list(range(1, rounds + 1))
+    continued = [r for r in results["rounds"] if r["round"] > results["resumed_at_round"][0]]
+    assert all(r["failed"] == 0 and r["replies"] == 4 for r in continued), continued
+    assert not (out / "client-state").exists()  # the nodes deleted their state at the end
