@@ -50,7 +50,8 @@ def main() -> None:
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.fmean(values):{fmt}} +- {spread:{fmt}}")
         print(f"| {fraction} | " + " | ".join(cells) + " |", flush=True)
-        print(f"<!-- {fraction}: round-30 accuracy per seed {[round(r['acc'], 4) for r in runs]} -->", flush=True)
+        per_seed = [round(r["acc"], 4) for r in runs]
+        print(f"<!-- {fraction}: round-30 accuracy per seed {per_seed} -->", flush=True)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,9 @@ class ClientState:
         self.context = context
         key = str(context.run_id) if key is None else str(key)
         if not STATE_KEY_PATTERN.fullmatch(key):
-            raise ClientStateError(f"the server's state-key {key!r} is not 1-64 letters, digits, '-' or '_'")
+            raise ClientStateError(
+                f"the server's state-key {key!r} is not 1-64 letters, digits, '-' or '_'"
+            )
         folder = state_folder(context.node_config, client_state_dir)
         self.path = folder / f"run-{key}.npz" if folder is not None else None
 
