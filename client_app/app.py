@@ -1,15 +1,19 @@
 """The ClientApp: one train handler that runs the configured method's client step, and an
-evaluate handler that scores the global model on the node's validation split."""
+evaluate handler that scores the global model on the node's held-out split
+(`client-test-fraction`; a node with none replies `num-examples` 0 and no metrics)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from logging import ERROR
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
 
 from client_app.local import ClientRound, device_for, node_data, node_seed
-from client_app.state import ClientState
+from client_app.state import ClientState, ClientStateError
 from task import records
 from task.config import parse_run_config
 from task.data import ArrayData
@@ -32,7 +36,7 @@ def _round(msg: Message, context: Context) -> tuple[ClientRound, ArrayData]:
     round_ = ClientRound(
         cfg=cfg,
         content=msg.content,
-        state=ClientState(context, _state_key(msg)),
+        state=_state(msg, context),
         train=train,
         spec=spec,
         device=device_for(cfg),
@@ -41,29 +45,44 @@ def _round(msg: Message, context: Context) -> tuple[ClientRound, ArrayData]:
     return round_, val
 
 
-def _state_key(msg: Message) -> str | None:
-    config = msg.content.config_records.get(records.CONFIG)
-    return None if config is None else config.get(records.STATE_KEY)
+def _state(msg: Message, context: Context) -> ClientState:
+    config = msg.content.config_records.get(records.CONFIG) or {}
+    return ClientState(context, config.get(records.STATE_KEY), config.get(records.CLIENT_STATE_DIR))
+
+
+def _refusal(msg: Message, err: ClientStateError) -> Message:
+    """An error reply naming why this node cannot go on (the server logs it, counts it failed)."""
+    log(ERROR, "Node refuses the message: %s", err)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(err)), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    round_, _ = _round(msg, context)
-    return Message(CLIENT_STEPS[round_.cfg.strategy](round_), reply_to=msg)
+    try:
+        round_, _ = _round(msg, context)
+        return Message(CLIENT_STEPS[round_.cfg.strategy](round_), reply_to=msg)
+    except ClientStateError as err:
+        return _refusal(msg, err)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    round_, val = _round(msg, context)
-    data = val if len(val) else round_.train
-    probs = predict_probs(round_.model_at(), data.x, round_.device)
-    metrics = dict(classification_metrics(probs, data.y))
-    metrics[records.NUM_EXAMPLES] = len(data)
+    try:
+        round_, val = _round(msg, context)
+    except ClientStateError as err:
+        return _refusal(msg, err)
+    metrics = {records.NUM_EXAMPLES: 0}  # nothing held out (client-test-fraction 0, tiny node)
+    if len(val):
+        probs = predict_probs(round_.model_at(), val.x, round_.device)
+        metrics = dict(classification_metrics(probs, val.y)) | {records.NUM_EXAMPLES: len(val)}
     return Message(RecordDict({records.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.query(records.FINISH_ACTION)
 def finish(msg: Message, context: Context) -> Message:
     """The run is over: drop this node's saved state for it."""
-    ClientState(context, _state_key(msg)).clear()
+    try:
+        _state(msg, context).clear()
+    except ClientStateError as err:
+        return _refusal(msg, err)
     return Message(RecordDict(), reply_to=msg)

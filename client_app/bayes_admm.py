@@ -8,16 +8,19 @@ Dual bookkeeping under partial participation: the increment of this round is kep
 and committed at the start of the node's next round only if the server says it accepted this
 round's reply (`accepted-round`); a reply that was lost, late or rejected leaves the duals as
 they were, so the server's running dual sums always equal the sum of what the clients hold.
+A node asked to go on from an accepted round whose state it no longer has answers with an error
+(`check_state_covers`), never with zero duals.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from client_app.local import ClientRound
 from client_app.optimizers import build_optimizer
+from client_app.state import ClientStateError
 from client_app.training import train_epochs
 from strategies.bayes_admm import client_dual_increment, cosine_lr
 from task import records
@@ -42,6 +45,37 @@ def committed_duals(saved: dict[str, np.ndarray], accepted_round: int, size: int
     return dual_mean, dual_precision
 
 
+def accepted_round_of(config, client_id: str) -> int:
+    """The last round whose reply from this node the server used: sent for the node, or looked
+    up in the table sent to nodes the (resumed) run does not know yet."""
+    if records.ACCEPTED_ROUND in config:
+        return int(config[records.ACCEPTED_ROUND])
+    table = dict(zip(config[records.ACCEPTED_CLIENTS], config[records.ACCEPTED_ROUNDS]))
+    return int(table.get(client_id, 0))
+
+
+def check_state_covers(saved: dict[str, np.ndarray], accepted_round: int, where: str) -> None:
+    """Refuse to go on without the duals the server's sums hold for this node.
+
+    The server added this node's increments up to `accepted_round` to its dual sums; state saved
+    in an earlier round than that (or none) has lost some of them, and training on zeros would
+    break sum_k v_k for the rest of the run. The IVON momentum and step are saved with the duals;
+    a node the server never accepted (`accepted_round` 0) may start afresh, duals zero on both
+    sides.
+    """
+    if accepted_round <= 0:
+        return
+    saved_round = int(saved["pending-round"]) if "pending-round" in saved else None
+    if saved_round is not None and saved_round >= accepted_round:
+        return
+    held = "no client state" if saved_round is None else f"client state of round {saved_round} only"
+    raise ClientStateError(
+        f"BayesADMM client state lost: the server's dual sums hold this node's duals up to round "
+        f"{accepted_round}, the node has {held} ({where}), so it does not train (its duals "
+        "would disagree with the server's); restore the state file or start a new run"
+    )
+
+
 def train(round_: ClientRound) -> RecordDict:
     cfg = round_.cfg
     model = round_.model_at()
@@ -56,9 +90,9 @@ def train(round_: ClientRound) -> RecordDict:
         global_mean = np.zeros_like(global_mean)
 
     saved = round_.state.load()
-    dual_mean, dual_precision = committed_duals(
-        saved, int(round_.config[records.ACCEPTED_ROUND]), global_mean.size
-    )
+    accepted_round = accepted_round_of(round_.config, round_.state.client_id)
+    check_state_covers(saved, accepted_round, round_.state.where())
+    dual_mean, dual_precision = committed_duals(saved, accepted_round, global_mean.size)
     num_examples = len(round_.train)
     lr = round_lr(round_)
 
@@ -116,6 +150,7 @@ def train(round_: ClientRound) -> RecordDict:
             records.METRICS: MetricRecord(
                 {records.NUM_EXAMPLES: num_examples, "loss": loss, "lr": lr}
             ),
+            records.CONFIG: ConfigRecord({records.CLIENT_ID: round_.state.client_id}),
         }
     )
 

@@ -19,7 +19,6 @@ from task.data import ArrayData, DataSpec, check_fits, data_spec, node_train_dat
 from task.models import build_model, resolve_device
 from task.params import load_arrays, record_to_numpy
 
-VALIDATION_FRACTION = 0.2
 PARTITION_CACHE = "partitions"  # in a node's state-dir: its partitions of offline data sets
 
 
@@ -76,7 +75,7 @@ def node_data(cfg: RunConfig, node_items: tuple) -> tuple[ArrayData, ArrayData, 
     check_fits(data, spec, f"node data ({dict(node_items)})")
     if data.input_shape != spec.input_shape:
         data = ArrayData(data.x.reshape((len(data),) + spec.input_shape), data.y)
-    train, val = split_train_val(data, VALIDATION_FRACTION, cfg.seed)
+    train, val = split_train_val(data, cfg.client_test_fraction, cfg.seed)
     return train, val, spec
 
 

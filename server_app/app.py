@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -53,12 +54,20 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
         strategy.load_state_dict(resumed.strategy_arrays, resumed.strategy_meta)
         state_key, first_round = resumed.state_key, resumed.round + 1
     outputs = RunOutputs(cfg)
+    # Simulated nodes keep their lasting state here (client_app/state.py); a resumed run keeps
+    # the folder of the run it continues, wherever its own outputs go.
+    client_state_dir = outputs.dir / records.CLIENT_STATE_FOLDER
     if resumed is not None:
+        client_state_dir = Path(resumed.client_state_dir)
         outputs.continue_from(Path(cfg.resume_from), resumed.round)
         log(INFO, "Resuming from round %d of %s", resumed.round, cfg.resume_from)
+    client_state_dir.mkdir(parents=True, exist_ok=True)
     log(INFO, "Run %s: %s on %s, results in %s", cfg.strategy, cfg.model, cfg.dataset, outputs.dir)
-    # Sent with every message: clients file their lasting state under this key.
-    config = ConfigRecord({records.STATE_KEY: state_key})
+    # Sent with every message: clients file their lasting state under this key (and, simulated
+    # nodes on this machine, in this folder).
+    config = ConfigRecord(
+        {records.STATE_KEY: state_key, records.CLIENT_STATE_DIR: str(client_state_dir)}
+    )
 
     for server_round in range(first_round, cfg.num_server_rounds + 1):
         started = time.perf_counter()
@@ -92,13 +101,16 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
         entry |= _prefixed("train", train_metrics) | _prefixed("client", client_eval)
         entry["seconds"] = time.perf_counter() - started
         outputs.add_round(entry)
-        save_checkpoint(
-            outputs.dir,
-            Checkpoint(server_round, state_key, cfg.to_dict(), record_to_numpy(arrays), *strategy.state_dict()),
+        checkpoint = Checkpoint(
+            server_round, state_key, cfg.to_dict(), record_to_numpy(arrays),
+            *strategy.state_dict(), client_state_dir=str(client_state_dir),
         )
+        save_checkpoint(outputs.dir, checkpoint)
         log(INFO, "%s", progress_line(entry, cfg.num_server_rounds))
 
-    _announce_finish(grid, cfg, state_key)
+    _announce_finish(grid, cfg, config)
+    save_checkpoint(outputs.dir, dataclasses.replace(checkpoint, finished=True))
+    _remove_empty_folders(client_state_dir)
     outputs.save_model(record_to_numpy(arrays), spec, test)
     if (posterior := strategy.posterior()) is not None:
         save_posterior(outputs.dir / POSTERIOR, *posterior)
@@ -108,14 +120,25 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
     return outputs
 
 
-def _announce_finish(grid: Grid, cfg: RunConfig, state_key: str) -> None:
+def _announce_finish(grid: Grid, cfg: RunConfig, config: ConfigRecord) -> None:
     """Tell every connected node that the run is over, so it can delete its saved state."""
-    content = RecordDict({records.CONFIG: ConfigRecord({records.STATE_KEY: state_key})})
+    content = RecordDict({records.CONFIG: config})
     messages = [
         Message(content, dst_node_id=node, message_type=f"{MessageType.QUERY}.{records.FINISH_ACTION}")
         for node in grid.get_node_ids()
     ]
     grid.send_and_receive(messages, timeout=min(cfg.round_timeout, 60.0))
+
+
+def _remove_empty_folders(root: Path) -> None:
+    """Remove the client-state folder once the nodes deleted their files; keep what is left."""
+    for folder in sorted(root.glob("*/"), reverse=True):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+    elif root.is_dir():
+        log(WARNING, "Client state left in %s (nodes that missed the end of the run)", root)
 
 
 def _prefixed(prefix: str, metrics: dict | None) -> dict:

@@ -3,7 +3,8 @@
 One `.npz` written atomically: the global model (`global/<key>`), the strategy's state
 (`strategy/<name>` arrays plus JSON metadata, e.g. BayesADMM's global posterior and dual sums,
 FedPA's server momentum, the node-sampling RNG), the round, and the key under which clients keep
-their lasting state, so that a resumed run finds the clients' BayesADMM duals again.
+their lasting state and the folder simulated nodes keep it in, so that a resumed run finds the
+clients' BayesADMM duals again, and whether the run finished (its nodes then deleted that state).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from strategies.records import CLIENT_STATE_FOLDER
 from task.config import ConfigError, RunConfig
 from task.files import save_npz
 
@@ -32,6 +34,8 @@ class Checkpoint:
     global_arrays: dict[str, np.ndarray]
     strategy_arrays: dict[str, np.ndarray]
     strategy_meta: dict[str, Any]
+    client_state_dir: str = ""  # <output-dir>/client-state of the run's first folder
+    finished: bool = False  # the nodes were told the run is over and deleted their state
 
 
 def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
@@ -40,6 +44,8 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
         "state_key": checkpoint.state_key,
         "config": checkpoint.config,
         "strategy": checkpoint.strategy_meta,
+        "client_state_dir": checkpoint.client_state_dir,
+        "finished": checkpoint.finished,
     }
     arrays = {f"global/{k}": v for k, v in checkpoint.global_arrays.items()}
     arrays |= {f"strategy/{k}": v for k, v in checkpoint.strategy_arrays.items()}
@@ -59,7 +65,10 @@ def load_checkpoint(folder: Path) -> Checkpoint:
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as err:
         raise ConfigError(f"resume-from: {path} is not a readable checkpoint ({err})") from None
     return Checkpoint(
-        meta["round"], meta["state_key"], meta["config"], global_arrays, strategy, meta["strategy"]
+        meta["round"], meta["state_key"], meta["config"], global_arrays, strategy, meta["strategy"],
+        # Checkpoints written before these fields: the state folder sits beside the checkpoint.
+        meta.get("client_state_dir") or str(path.resolve().parent / CLIENT_STATE_FOLDER),
+        meta.get("finished", False),
     )
 
 
@@ -71,6 +80,11 @@ def check_compatible(checkpoint: Checkpoint, cfg: RunConfig) -> None:
             raise ConfigError(
                 f"resume-from: '{key}' = {now.get(key)!r} but the checkpoint was made with {value!r}"
             )
+    if checkpoint.finished and cfg.strategy == "bayes-admm":
+        raise ConfigError(
+            f"resume-from: the run finished at round {checkpoint.round} and its nodes deleted "
+            "their BayesADMM duals; it cannot be extended, start a new run"
+        )
     if checkpoint.round >= cfg.num_server_rounds:
         raise ConfigError(
             f"resume-from: the checkpoint is at round {checkpoint.round}, "

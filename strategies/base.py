@@ -173,8 +173,8 @@ class FederatedStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.cfg.fraction_evaluate == 0:
-            return []
+        if self.cfg.fraction_evaluate == 0 or self.cfg.client_test_fraction == 0:
+            return []  # no client-side evaluation asked for, or no client holds data out for it
         nodes = self.sample_nodes(grid, self.cfg.fraction_evaluate, 1)
         content = RecordDict(
             {records.ARRAYS: arrays, records.CONFIG: self.round_config(server_round, config)}

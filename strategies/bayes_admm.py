@@ -147,7 +147,12 @@ def _array_module(vector):
 
 class BayesADMM(FederatedStrategy):
     """Keeps the global posterior (m_g, S_g), the dual sums over all clients, and which round of
-    each node's replies it used; sends each sampled node the global and its `accepted-round`."""
+    each node's replies it used; sends each sampled node the global and its `accepted-round`.
+
+    Checkpoints file the accepted rounds under each node's `client-id` (its partition in
+    simulation), not Flower's node id, which a resumed simulation draws afresh; until a node of
+    the resumed run has replied, its message carries the whole table and the node finds itself.
+    """
 
     def __init__(self, cfg: RunConfig, initial_arrays: ArrayRecord) -> None:
         super().__init__(cfg, initial_arrays)
@@ -155,25 +160,35 @@ class BayesADMM(FederatedStrategy):
         self.initial_weights = initial_arrays
         size = sum(a.size for a in self.like.values())
         # The isotropic variant fixes every covariance to the identity (prior included).
-        self.prior_precision = 1.0 if cfg.posterior == "isotropic" else cfg.prior_precision
+        delta = 1.0 if cfg.posterior == "isotropic" else cfg.prior_precision
+        # The prior as the clients receive it (the model's dtype, e.g. float32(0.1) =
+        # 0.10000000149), so that both sides compute the same round-1 dual increments.
+        self.prior_precision = self.on_the_wire(np.full(size, delta))
         self.mean = np.zeros(size)
-        self.precision = np.full(size, self.prior_precision)
+        self.precision = self.prior_precision.copy()
         self.at_prior = True
         self.duals = DualSums.zeros_like(self.mean)
-        self.accepted_round: dict[int, int] = {}
+        self.accepted_round: dict[int, int] = {}  # node id -> round, this Flower run
+        self.client_ids: dict[int, str] = {}  # node id -> client-id, learned from replies
+        self.resumed_accepted: dict[str, int] = {}  # client-id -> round, from the checkpoint
         self.num_clients = 0
         self.fallback_coords = 0
 
+    def on_the_wire(self, vector: np.ndarray) -> np.ndarray:
+        """`vector` rounded to the model's dtype per key, as a client decodes it, in float64."""
+        return flatten(unflatten(vector, self.like)).astype(np.float64)
+
     def state_dict(self):
         arrays, meta = super().state_dict()
-        nodes = sorted(self.accepted_round)
+        accepted = self.accepted_by_client()
+        clients = sorted(accepted)
         arrays |= {
             "mean": self.mean,
             "precision": self.precision,
             "dual-mean": self.duals.mean,
             "dual-precision": self.duals.precision,
-            "accepted-nodes": np.array(nodes, dtype=np.uint64),
-            "accepted-rounds": np.array([self.accepted_round[n] for n in nodes], dtype=np.int64),
+            "accepted-clients": np.array(clients, dtype=np.str_),
+            "accepted-rounds": np.array([accepted[c] for c in clients], dtype=np.int64),
         }
         return arrays, meta | {"at_prior": self.at_prior, "num_clients": self.num_clients}
 
@@ -181,10 +196,20 @@ class BayesADMM(FederatedStrategy):
         super().load_state_dict(arrays, meta)
         self.mean, self.precision = arrays["mean"], arrays["precision"]
         self.duals = DualSums(mean=arrays["dual-mean"], precision=arrays["dual-precision"])
-        self.accepted_round = {
-            int(n): int(r) for n, r in zip(arrays["accepted-nodes"], arrays["accepted-rounds"])
-        }
+        if "accepted-clients" in arrays:
+            clients = [str(c) for c in arrays["accepted-clients"]]
+        else:  # checkpoints from before client-ids: Flower node ids
+            clients = [f"node-{int(n)}" for n in arrays["accepted-nodes"]]
+        self.resumed_accepted = dict(zip(clients, (int(r) for r in arrays["accepted-rounds"])))
+        self.accepted_round, self.client_ids = {}, {}
         self.at_prior, self.num_clients = meta["at_prior"], meta["num_clients"]
+
+    def accepted_by_client(self) -> dict[str, int]:
+        """The last accepted round per client-id, over this run and the runs it resumed."""
+        accepted = dict(self.resumed_accepted)
+        for node, server_round in self.accepted_round.items():
+            accepted[self.client_ids.get(node, f"node-{node}")] = server_round
+        return accepted
 
     def global_records(self) -> tuple[ArrayRecord, ArrayRecord]:
         # While at the prior the clients start from the shared initial weights, not from 0.
@@ -205,7 +230,12 @@ class BayesADMM(FederatedStrategy):
         for node in nodes:
             node_config = self.round_config(server_round, config)
             node_config[records.AT_PRIOR] = self.at_prior
-            node_config[records.ACCEPTED_ROUND] = self.accepted_round.get(node, 0)
+            if node in self.client_ids or not self.resumed_accepted:
+                node_config[records.ACCEPTED_ROUND] = self.accepted_round.get(node, 0)
+            else:  # a node this run has not heard from yet: it looks itself up
+                accepted = self.accepted_by_client()
+                node_config[records.ACCEPTED_CLIENTS] = list(accepted)
+                node_config[records.ACCEPTED_ROUNDS] = list(accepted.values())
             contents[node] = RecordDict(
                 {records.ARRAYS: mean, records.PRECISION: precision, records.CONFIG: node_config}
             )
@@ -245,15 +275,20 @@ class BayesADMM(FederatedStrategy):
         # Keep exactly what goes on the wire (the model's dtype), so that the server and the
         # clients compute the same dual increments from the global they share.
         with np.errstate(over="ignore"):
-            mean = flatten(unflatten(update.mean, self.like)).astype(np.float64)
-            precision = flatten(unflatten(update.precision, self.like)).astype(np.float64)
+            mean, precision = self.on_the_wire(update.mean), self.on_the_wire(update.precision)
         if not (np.isfinite(mean).all() and np.isfinite(precision).all() and (precision > 0).all()):
             return self.skip_round("the new global does not fit the model's dtype")
         self.mean, self.precision, self.duals = mean, precision, duals
         self.at_prior = False
         self.fallback_coords = update.fallback_coords
         for reply in valid:
-            self.accepted_round[reply.metadata.src_node_id] = server_round
+            node = reply.metadata.src_node_id
+            self.accepted_round[node] = server_round
+            config = reply.content.config_records.get(records.CONFIG)
+            if config is not None and isinstance(config.get(records.CLIENT_ID), str):
+                self.client_ids[node] = config[records.CLIENT_ID]
+                # This run's table now holds the client; its entry from the checkpoint is older.
+                self.resumed_accepted.pop(self.client_ids[node], None)
         metrics = weighted_metrics([r.content.metric_records[records.METRICS] for r in valid])
         if metrics is not None:
             metrics["precision-fallback-coords"] = update.fallback_coords

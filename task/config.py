@@ -91,6 +91,13 @@ class RunConfig(BaseModel):
         description="share the server keeps as its test set, of an offline data set or of the "
         "`train` split of one without a `test` split",
     )
+    client_test_fraction: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="share of each node's data held out (seeded) for client-side evaluation "
+        "(0: none, every example trains and clients send no evaluation metrics)",
+    )
     model: ModelName = Field("mlp", description="network (`cnn` needs image inputs)")
     mlp_hidden: str = Field("200,100", description="MLP hidden widths, comma-separated positive ints")
     activation: Literal["relu", "sigmoid", "tanh"] = Field("relu", description="hidden activation")

@@ -10,3 +10,10 @@ PRECISION = "precision"  # BayesADMM: a diagonal Gaussian's precision, same keys
 AT_PRIOR = "at-prior"  # BayesADMM: the server global is still the prior (no update applied yet)
 ACCEPTED_ROUND = "accepted-round"  # BayesADMM: last round whose reply from this node was used
 STATE_KEY = "state-key"  # names the clients' lasting state; kept when a run is resumed
+CLIENT_STATE_DIR = "client-state-dir"  # where simulated nodes on the server's machine keep state
+CLIENT_STATE_FOLDER = "client-state"  # its name: <output-dir>/client-state/partition-<id>/
+CLIENT_ID = "client-id"  # BayesADMM reply: the node's identity that outlives a Flower run
+# BayesADMM, first message to a node whose client-id this run has not seen (after a resume, when
+# a new Flower run gave the nodes new ids): the resumed run's accepted round per client-id.
+ACCEPTED_CLIENTS = "accepted-clients"
+ACCEPTED_ROUNDS = "accepted-rounds"

@@ -162,3 +162,59 @@ def test_a_global_outside_float32_skips_the_round(fake_grid):
     assert strategy.last_round.skipped and strategy.at_prior and strategy.accepted_round == {}
     for key, value in strategy.state_dict()[0].items():
         np.testing.assert_array_equal(value, before[key])
+
+
+@pytest.mark.parametrize("prior_precision", [0.1, 0.01])
+def test_server_dual_sums_equal_the_clients_bit_for_bit_after_round_one(prior_precision):
+    # float32(0.1) = 0.10000000149: the server must start from the prior the clients receive.
+    run_config = {**default_run_config(), **SMALL, "prior-precision": prior_precision}
+    cfg = parse_run_config(run_config)
+    grid = InProcessGrid(run_config, num_nodes=3)
+    strategy = STRATEGIES["bayes-admm"](cfg, model_to_record(build_model(cfg, data_spec(cfg))))
+    np.testing.assert_array_equal(strategy.precision, np.float64(np.float32(prior_precision)))
+    replies = grid.send_and_receive(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    strategy.aggregate_train(1, replies)
+    assert strategy.last_round.accepted == 3
+    held = [_node_duals(grid, strategy, node) for node in grid.contexts]
+    np.testing.assert_array_equal(sum(v for v, _ in held), strategy.duals.mean)
+    np.testing.assert_array_equal(sum(V for _, V in held), strategy.duals.precision)
+
+
+def test_dual_sums_stay_equal_across_a_resume_that_draws_new_node_ids(tmp_path):
+    """A resumed simulation is a new Flower run: new node ids in another order, empty memory;
+    the nodes' state comes from <output-dir>/client-state and the accepted rounds by client-id."""
+    from benchmarks.inprocess import _set_task_identity
+
+    _set_task_identity()
+    run_config = {**default_run_config(), **SMALL, "fraction-train": 0.5, "min-train-nodes": 2}
+    cfg = parse_run_config(run_config)
+    (tmp_path / "client-state").mkdir()
+    config = ConfigRecord({records.STATE_KEY: "k", records.CLIENT_STATE_DIR: str(tmp_path / "client-state")})
+
+    def rounds(strategy, grid, numbers):
+        for server_round in numbers:
+            replies = grid.send_and_receive(strategy.configure_train(server_round, ArrayRecord(), config, grid))
+            assert not any(r.has_error() for r in replies)
+            strategy.aggregate_train(server_round, replies[:-1])  # one reply lost every round
+            accepted = strategy.accepted_by_client()
+            held = []
+            for context in grid.contexts.values():
+                state = ClientState(context, "k", str(tmp_path / "client-state"))
+                held.append(committed_duals(state.load(), accepted.get(state.client_id, 0), strategy.mean.size))
+            np.testing.assert_allclose(sum(v for v, _ in held), strategy.duals.mean, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(sum(V for _, V in held), strategy.duals.precision, rtol=1e-9, atol=1e-12)
+
+    initial = model_to_record(build_model(cfg, data_spec(cfg)))
+    first = STRATEGIES["bayes-admm"](cfg, initial)
+    rounds(first, InProcessGrid(run_config, num_nodes=6), [1, 2, 3])
+
+    resumed = STRATEGIES["bayes-admm"](cfg, initial)
+    resumed.load_state_dict(*first.state_dict())
+    grid = InProcessGrid(run_config, num_nodes=6)  # fresh contexts
+    new_ids = [907, 13, 400, 52, 6001, 88]  # partition p gets new_ids[p]: another sort order
+    grid.contexts = {new_ids[node - 1]: context for node, context in grid.contexts.items()}
+    for node, context in grid.contexts.items():
+        context.node_id, context.run_id = node, 2
+    grid.node_ids = sorted(grid.contexts)
+    rounds(resumed, grid, [4, 5, 6])
+    assert resumed.client_ids and set(resumed.client_ids.values()) <= {f"partition-{p}" for p in range(6)}

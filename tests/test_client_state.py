@@ -1,7 +1,8 @@
 import numpy as np
+import pytest
 from flwr.app import Context, RecordDict
 
-from client_app.state import ClientState
+from client_app.state import ClientState, ClientStateError, state_folder
 
 
 def _context(node_config, run_id=7, state=None):
@@ -91,3 +92,84 @@ def test_restore_from_disk_logs_round_and_digest_once_memory_is_empty(tmp_path, 
         f"Restored client state of run 7 from {tmp_path / 'run-7.npz'} "
         f"(round 4, sha256 {state_digest(arrays)})"
     ]
+
+
+SIMULATED = {"partition-id": 3, "num-partitions": 5}
+
+
+def test_a_simulated_node_keeps_its_state_in_its_partition_folder_of_the_servers_folder(tmp_path):
+    root = tmp_path / "client-state"
+    root.mkdir()
+    state = ClientState(_context(SIMULATED), key="abc123", client_state_dir=str(root))
+    assert state.path == root / "partition-3" / "run-abc123.npz"
+    state.save({"dual": np.ones(2)}, server_round=1)
+    # A resumed run: a new Flower run id, empty memory, same state key.
+    again = ClientState(_context(SIMULATED, run_id=99), key="abc123", client_state_dir=str(root))
+    np.testing.assert_array_equal(again.load()["dual"], np.ones(2))
+
+
+def test_state_dir_wins_and_operators_nodes_never_use_the_servers_folder(tmp_path):
+    root = tmp_path / "client-state"
+    root.mkdir()
+    own = tmp_path / "own"
+    assert state_folder({**SIMULATED, "state-dir": str(own)}, str(root)) == own
+    assert state_folder({"data-path": "/data/x.npz"}, str(root)) is None
+    assert state_folder({**SIMULATED, "data-path": "/data/x.npz"}, str(root)) is None
+    assert state_folder(SIMULATED, None) is None
+
+
+def test_a_node_on_another_machine_than_the_server_keeps_state_in_memory(tmp_path):
+    missing = tmp_path / "server-only" / "client-state"
+    state = ClientState(_context(SIMULATED), key="k", client_state_dir=str(missing))
+    state.save({"dual": np.ones(2)}, server_round=1)
+    assert state.path is None and not (tmp_path / "server-only").exists()
+    assert "memory only" in state.where()
+
+
+@pytest.mark.parametrize("sent", ["relative/client-state", "/tmp/x/../client-state", "/etc"])
+def test_a_malformed_client_state_dir_from_the_server_is_refused(sent):
+    with pytest.raises(ClientStateError, match="client-state-dir"):
+        state_folder(SIMULATED, sent)
+
+
+@pytest.mark.parametrize("key", ["../x", "a/b", "", "x" * 65, "/abs"])
+def test_a_state_key_that_is_not_a_plain_name_is_refused(tmp_path, key):
+    with pytest.raises(ClientStateError, match="state-key"):
+        ClientState(_context({"state-dir": str(tmp_path)}), key=key)
+
+
+def test_a_train_message_that_needs_lost_duals_gets_an_error_reply(tmp_path):
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
+
+    from benchmarks.inprocess import _set_task_identity, default_run_config
+    from client_app.app import app
+    from strategies import records
+    from task.config import parse_run_config
+    from task.data import data_spec
+    from task.models import build_model
+    from task.params import model_to_record
+
+    _set_task_identity()
+    run_config = {**default_run_config(), "strategy": "bayes-admm", "optimizer": "ivon",
+                  "model": "logreg"}
+    cfg = parse_run_config(run_config)
+    weights = model_to_record(build_model(cfg, data_spec(cfg)))
+    root = tmp_path / "client-state"
+    root.mkdir()
+    config = ConfigRecord({records.STATE_KEY: "k1", records.CLIENT_STATE_DIR: str(root),
+                           records.SERVER_ROUND: 3, records.AT_PRIOR: False,
+                           records.ACCEPTED_ROUND: 2})
+    content = RecordDict({records.ARRAYS: weights, records.PRECISION: weights,
+                          records.CONFIG: config})
+    message = Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+    context = Context(run_id=5, node_id=1, node_config=SIMULATED, state=RecordDict(),
+                      run_config=run_config)
+    reply = app(message, context)
+    assert reply.has_error()
+    assert reply.error.reason == (
+        "BayesADMM client state lost: the server's dual sums hold this node's duals up to round 2, "
+        f"the node has no client state (file {root / 'partition-3' / 'run-k1.npz'}), so it does "
+        "not train (its duals would disagree with the server's); restore the state file or start "
+        "a new run"
+    )
+    assert not (root / "partition-3").exists()  # nothing written

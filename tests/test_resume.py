@@ -1,6 +1,8 @@
 """Checkpoints after every round, and resuming a run whose ServerApp died."""
 
 import json
+import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -34,24 +36,54 @@ class CrashingGrid(InProcessGrid):
 SERVER_STATE = {"fedavg": {"server-momentum": 0.9, "server-lr": 0.5}}
 
 
-@pytest.mark.parametrize("strategy", sorted(METHODS))
-def test_resumed_run_matches_an_uninterrupted_one(tmp_path, strategy):
-    _set_task_identity()
-    base = {**default_run_config(), "strategy": strategy, "model": "logreg", "num-server-rounds": 4,
+def _base(strategy):
+    return {**default_run_config(), "strategy": strategy, "model": "logreg", "num-server-rounds": 4,
             "fraction-train": 0.5, "min-train-nodes": 2, "fraction-evaluate": 0.0,
             **METHODS[strategy].short_run, **SERVER_STATE.get(strategy, {})}
 
+
+def _crash_at_round_3(tmp_path, base):
+    """Run `base` in tmp_path/broken until the ServerApp dies in round 3."""
+    broken = {**base, "output-dir": str(tmp_path / "broken")}
+    with pytest.raises(ServerDied):
+        run(CrashingGrid(broken, 6, crash_round=3), parse_run_config(broken))
+    assert load_checkpoint(tmp_path / "broken").round == 2
+    return {**broken, "resume-from": str(tmp_path / "broken"), "output-dir": ""}
+
+
+class NewFlowerRun(InProcessGrid):
+    """The nodes of a new Flower run: new Contexts with empty memory, another run id and new
+    node ids (Flower draws them per simulation; these keep the old ones' order, so that node
+    sampling and summation order, and with them the results, can match bit for bit)."""
+
+    def __init__(self, run_config, num_nodes):
+        super().__init__(run_config, num_nodes)
+        self.contexts = {1000 + node: context for node, context in self.contexts.items()}
+        for node, context in self.contexts.items():
+            context.run_id, context.node_id = 2, node
+        self.node_ids = sorted(self.contexts)
+
+
+def _new_flower_run(run_config, num_nodes):
+    return NewFlowerRun(run_config, num_nodes)
+
+
+@pytest.mark.parametrize("strategy", sorted(METHODS))
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, strategy, caplog):
+    _set_task_identity()
+    base = _base(strategy)
     whole = {**base, "output-dir": str(tmp_path / "whole")}
     run(InProcessGrid(whole, 6), parse_run_config(whole))
+    # The nodes deleted their state at the end of the run, and the server its empty folder.
+    assert not (tmp_path / "whole" / "client-state").exists()
 
-    broken = {**base, "output-dir": str(tmp_path / "broken")}
-    grid = CrashingGrid(broken, 6, crash_round=3)
-    with pytest.raises(ServerDied):
-        run(grid, parse_run_config(broken))
-    assert load_checkpoint(tmp_path / "broken").round == 2
-    grid.crash_round = None  # the nodes live on; a new ServerApp resumes the run
-    resumed = {**broken, "resume-from": str(tmp_path / "broken"), "output-dir": ""}
-    run(grid, parse_run_config(resumed))
+    resumed = _crash_at_round_3(tmp_path, base)
+    if strategy == "bayes-admm":  # simulated nodes filed their state in the run's folder
+        assert sorted(p.name for p in (tmp_path / "broken" / "client-state").iterdir())
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        run(_new_flower_run(resumed, 6), parse_run_config(resumed))
+    restored = [r for r in caplog.records if "Restored client state" in r.getMessage()]
+    assert bool(restored) == (strategy == "bayes-admm")
 
     a = json.loads((tmp_path / "whole" / "results.json").read_text())
     b = json.loads((tmp_path / "broken" / "results.json").read_text())
@@ -61,6 +93,41 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, strategy):
     with np.load(tmp_path / "whole" / "model.npz") as x, np.load(tmp_path / "broken" / "model.npz") as y:
         for k in x.files:
             np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_a_node_without_the_state_the_server_counts_on_answers_with_an_error(tmp_path):
+    _set_task_identity()
+    resumed = _crash_at_round_3(tmp_path, _base("bayes-admm"))
+    checkpoint = load_checkpoint(tmp_path / "broken")
+    accepted = dict(zip(checkpoint.strategy_arrays["accepted-clients"].tolist(),
+                        checkpoint.strategy_arrays["accepted-rounds"].tolist()))
+    assert set(accepted) <= {f"partition-{p}" for p in range(6)} and accepted
+    shutil.rmtree(tmp_path / "broken" / "client-state")  # the nodes' state is gone
+    run(_new_flower_run(resumed, 6), parse_run_config(resumed))
+
+    rounds = json.loads((tmp_path / "broken" / "results.json").read_text())["rounds"]
+    round_3 = rounds[2]
+    assert round_3["round"] == 3 and round_3["failed"] > 0
+    for problem in round_3["problems"]:
+        if "client state lost" in problem:
+            partition = int(problem.split()[1].rstrip(":")) - 1001  # NewFlowerRun's node ids
+            assert (
+                f"the server's dual sums hold this node's duals up to round "
+                f"{accepted[f'partition-{partition}']}, the node has no client state (file "
+                f"{tmp_path / 'broken' / 'client-state' / f'partition-{partition}'}"
+            ) in problem
+    # Every sampled node the server had accepted refused; none trained on zero duals.
+    refused = sum("client state lost" in p for r in rounds[2:] for p in r["problems"])
+    assert refused == sum(r["failed"] for r in rounds[2:]) > 0
+
+
+def test_a_finished_bayes_admm_run_cannot_be_extended(tmp_path):
+    _set_task_identity()
+    first = {**_base("bayes-admm"), "num-server-rounds": 1, "output-dir": str(tmp_path / "old")}
+    run(InProcessGrid(first, 3), parse_run_config(first))
+    more = {**first, "num-server-rounds": 2, "resume-from": str(tmp_path / "old")}
+    with pytest.raises(ConfigError, match="finished at round 1 and its nodes deleted their"):
+        run(InProcessGrid(more, 3), parse_run_config(more))
 
 
 def _cfg(tmp_path, **overrides):
@@ -96,3 +163,43 @@ def test_resume_with_a_different_experiment_is_refused(tmp_path):
     finished = _cfg(tmp_path, **{"resume-from": str(tmp_path / "old"), "num-server-rounds": 1})
     with pytest.raises(ConfigError, match="nothing left to run"):
         run(InProcessGrid(finished.to_dict(), 2), finished)
+
+
+@pytest.mark.e2e
+def test_a_stopped_flwr_simulation_resumes_with_every_nodes_duals(tmp_path):
+    """The real thing: `flwr stop` a BayesADMM simulation after a checkpoint, then `flwr run`
+    with `resume-from` starts a new Flower run (empty node memory, new node ids). Every node
+    must find its duals in <output-dir>/client-state: a node without them would refuse with an
+    error reply (`failed`)."""
+    import time
+
+    from tests.flower_runs import LocalFederation
+
+    out = tmp_path / "out"
+    rounds = 40  # enough that `flwr stop` lands before the end
+    settings = ("strategy='bayes-admm' optimizer='ivon' model='logreg' local-epochs=1 "
+                f"num-server-rounds={rounds} fraction-evaluate=0.0 eval-mc-samples=2")
+    federation = LocalFederation(tmp_path / "flwr-home")
+    try:
+        started = federation.flwr("run", ".", "--format", "json", "--run-config",
+                                  f"{settings} output-dir='{out}'", "--federation-config",
+                                  "num-supernodes=4")
+        assert started.returncode == 0, started.stdout + started.stderr
+        run_id = json.loads(started.stdout)["run-id"]
+        deadline = time.monotonic() + 300
+        while not ((out / CHECKPOINT).exists() and load_checkpoint(out).round >= 1):
+            assert time.monotonic() < deadline, federation.flwr("log", str(run_id), "--show").stdout
+            time.sleep(0.2)
+        assert federation.flwr("stop", str(run_id)).returncode == 0
+        stopped_at = load_checkpoint(out).round
+        assert stopped_at < rounds and list((out / "client-state").iterdir())
+
+        resumed = federation.run(f"{settings} resume-from='{out}'", num_supernodes=4)
+        assert resumed.status == "finished:completed", resumed.logs
+    finally:
+        federation.stop()
+    results = json.loads((out / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == list(range(1, rounds + 1))
+    continued = [r for r in results["rounds"] if r["round"] > results["resumed_at_round"][0]]
+    assert all(r["failed"] == 0 and r["replies"] == 4 for r in continued), continued
+    assert not (out / "client-state").exists()  # the nodes deleted their state at the end
