@@ -32,7 +32,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 
-from strategies.records import CLIENT_STATE_FOLDER
+from task.records import CLIENT_STATE_FOLDER
 from task.files import save_npz
 from task.params import numpy_to_record, record_to_numpy
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from strategies.records import CLIENT_STATE_FOLDER
+from task.records import CLIENT_STATE_FOLDER
 from task.config import ConfigError, RunConfig
 from task.files import save_npz
 

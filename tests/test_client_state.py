@@ -143,7 +143,7 @@ def test_a_train_message_that_needs_lost_duals_gets_an_error_reply(tmp_path):
 
     from benchmarks.inprocess import _set_task_identity, default_run_config
     from client_app.app import app
-    from strategies import records
+    from task import records
     from task.config import parse_run_config
     from task.data import data_spec
     from task.models import build_model
