@@ -178,11 +178,11 @@ def test_a_stopped_flwr_simulation_resumes_with_every_nodes_duals(tmp_path):
     out = tmp_path / "out"
     rounds = 40  # enough that `flwr stop` lands before the end
     settings = ("strategy='bayes-admm' optimizer='ivon' model='logreg' local-epochs=1 "
-                f"num-server-rounds={rounds} fraction-evaluate=0.0 eval-mc-samples=2")
+                "fraction-evaluate=0.0 eval-mc-samples=2")
     federation = LocalFederation(tmp_path / "flwr-home")
     try:
         started = federation.flwr("run", ".", "--format", "json", "--run-config",
-                                  f"{settings} output-dir='{out}'", "--federation-config",
+                                  f"{settings} num-server-rounds={rounds} output-dir='{out}'", "--federation-config",
                                   "num-supernodes=4")
         assert started.returncode == 0, started.stdout + started.stderr
         run_id = json.loads(started.stdout)["run-id"]
@@ -191,10 +191,21 @@ def test_a_stopped_flwr_simulation_resumes_with_every_nodes_duals(tmp_path):
             assert time.monotonic() < deadline, federation.flwr("log", str(run_id), "--show").stdout
             time.sleep(0.2)
         assert federation.flwr("stop", str(run_id)).returncode == 0
-        stopped_at = load_checkpoint(out).round
+        # The stopped ServerApp may finish a round or two before it ends: wait until the
+        # checkpoint stays put.
+        stopped_at, still_since = load_checkpoint(out).round, time.monotonic()
+        while time.monotonic() - still_since < 10:
+            assert time.monotonic() < deadline, "the stopped run kept writing checkpoints"
+            time.sleep(0.5)
+            if (now := load_checkpoint(out).round) != stopped_at:
+                stopped_at, still_since = now, time.monotonic()
         assert stopped_at < rounds and list((out / "client-state").iterdir())
 
-        resumed = federation.run(f"{settings} resume-from='{out}'", num_supernodes=4)
+        # Two more rounds are enough to show every node going on (a resume may change only the
+        # number of rounds, among the settings that shape the model).
+        rounds = stopped_at + 2
+        resumed = federation.run(f"{settings} num-server-rounds={rounds} resume-from='{out}'",
+                                 num_supernodes=4)
         assert resumed.status == "finished:completed", resumed.logs
     finally:
         federation.stop()
