@@ -150,7 +150,7 @@ class RunConfig(BaseModel):
         1e12, gt=0, description="BayesADMM: largest precision a reply may carry"
     )
     mean_shift_bound: float = Field(
-        0.0,
+        1000.0,
         ge=0,
         description="BayesADMM: clip |m_k - m_g| to this many global standard deviations "
         "per coordinate (0: off)",
