@@ -145,9 +145,10 @@ def test_predict_reports_a_bad_run_folder(tmp_path, capsys):
 
 
 def test_a_global_outside_float32_skips_the_round(fake_grid):
-    # rho 10: the dual term doubles a mean near float32's largest value (m_g = 5.4e38).
+    # rho 10: the dual term doubles a mean near float32's largest value (m_g = 5.4e38). The
+    # mean-shift bound, on by default, would clip this reply: switched off to reach the guard.
     cfg = parse_run_config({**default_run_config(), **SMALL, "min-train-nodes": 1, "rho": 10.0,
-                            "dual-damping": 1.0})
+                            "dual-damping": 1.0, "mean-shift-bound": 0.0})
     initial = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
     strategy = BayesADMM(cfg, initial)
     msgs = list(strategy.configure_train(1, initial, ConfigRecord(), fake_grid([1])))
