@@ -177,13 +177,16 @@ def test_default_settings_give_bitwise_the_plain_weighted_mean():
         {"clip-norm": 5.0, "max-client-weight": 0.25},
     ],
 )
-def test_strategy_defences_against_weight_inflation(defence):
+@pytest.mark.parametrize("strategy", ["fedavg", "fedpa"])  # from 0, FedAvg's delta is FedPA's
+def test_strategy_defences_against_weight_inflation(defence, strategy):
     honest, counts, target = honest_and_target()
     honest_mean = weighted_mean(honest, counts)
-    attacked, _, _ = fedavg_round({}, [*honest, target], [*counts, 2**63 - 1])
+    attacked, _, _ = fedavg_round({"strategy": strategy}, [*honest, target], [*counts, 2**63 - 1])
     assert distance(attacked, target) < 1e-3
     spread = max(distance(h, honest_mean) for h in honest)
-    defended, metrics, _ = fedavg_round(defence, [*honest, target], [*counts, 2**63 - 1])
+    defended, metrics, _ = fedavg_round(
+        {"strategy": strategy, **defence}, [*honest, target], [*counts, 2**63 - 1]
+    )
     assert distance(defended, honest_mean) <= 0.25 * distance(target, honest_mean) + spread
     if "clip-norm" in defence:  # the target's update is cut to norm 5 before it is weighed
         assert metrics["clipped-updates"] == 1 and metrics["clip-norm"] == 5.0
