@@ -5,7 +5,8 @@ or FedPA's Sigma_hat^-1 (mu_hat - theta). The server takes the example-weighted 
 and hands g = -Delta_bar to SGD with momentum in PyTorch's form, b <- momentum * b + g,
 theta <- theta - lr * b. With lr 1 and momentum 0 this is plain FedAvg; a server learning rate
 or momentum makes it FedAvgM. A round whose mean is non-finite, or that has no weight at all,
-leaves the state unchanged.
+leaves the state unchanged. The run config may replace the weighted mean by a robust combiner,
+cap one reply's weight or clip each delta's norm first (`strategies/robust.py`).
 
 The math functions are pure: they return new arrays and never write into their arguments.
 """

@@ -268,6 +268,13 @@ class RunConfig(BaseModel):
             raise ValueError("'precision-ratio-bound' must be 0 (off) or at least 1")
         if self.precision_min >= self.precision_max:
             raise ValueError("'precision-min' must be smaller than 'precision-max'")
+        if self.strategy == "bayes-admm" and not (
+            self.precision_min <= self.prior_precision <= self.precision_max
+        ):
+            raise ValueError(
+                f"'prior-precision' = {self.prior_precision} lies outside [precision-min, "
+                f"precision-max] = [{self.precision_min}, {self.precision_max}]"
+            )
         if self.clip_norm_adaptive and self.clip_norm == 0:
             raise ValueError("'clip-norm-adaptive' needs 'clip-norm' > 0 as its starting norm")
         n, f = self.min_train_nodes, self.krum_byzantine

@@ -218,6 +218,8 @@ def test_adaptive_clip_norm_moves_and_is_checkpointed():
           "min-train-nodes": 3}, "applies to fedavg and fedpa"),
         ({"max-client-weight": 0}, "max-client-weight"),
         ({"precision-ratio-bound": 0.5}, "at least 1"),
+        ({"strategy": "bayes-admm", "optimizer": "ivon", "prior-precision": 1e13},
+         "outside [precision-min, precision-max]"),
     ],
 )
 def test_robust_settings_that_cannot_work_give_one_line_errors(overrides, message):
