@@ -24,11 +24,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from logging import WARNING
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from strategies.base import FederatedStrategy, weighted_metrics
@@ -134,6 +136,45 @@ def server_update_from_averages(
     precision = xp.where(fallback, average_precision, precision)
     natural_mean = xp.where(fallback, average_natural_mean, natural_mean)
     return ServerUpdate(natural_mean / precision, precision, int(fallback.sum()))
+
+
+class BoundedReply(NamedTuple):
+    mean: object
+    precision: object
+    # Coordinates where the reply's precision or mean lay outside the bounds and was clipped.
+    clipped_coords: int
+
+
+def bound_reply(
+    client_mean,
+    client_precision,
+    global_mean,
+    global_precision,
+    ratio_bound: float = 0.0,
+    precision_min: float = 0.0,
+    precision_max: float = math.inf,
+    mean_shift_bound: float = 0.0,
+) -> BoundedReply:
+    """A reply clipped to what one client may do to the global (m~, S~) it was sent:
+
+        S_k in [S~/c, c S~] (c = `ratio_bound`, 0: off), then in [precision_min, precision_max]
+        |m_k - m~| <= b / sqrt(S~) per coordinate (b = `mean_shift_bound`, 0: off)
+
+    With both sides clipped, the dual increment it implies is bounded too:
+    |dV| <= gamma rho max(c - 1, 1 - 1/c) S~ and |S_k m_k - S~ m~| <= c S~ (b / sqrt(S~)) + (c - 1) S~ |m~|.
+    """
+    xp = _array_module(client_precision)
+    precision = client_precision
+    if ratio_bound > 0:
+        precision = xp.minimum(xp.maximum(precision, global_precision / ratio_bound),
+                               global_precision * ratio_bound)
+    precision = xp.clip(precision, precision_min, precision_max)
+    mean = client_mean
+    if mean_shift_bound > 0:
+        reach = mean_shift_bound / xp.sqrt(global_precision)
+        mean = xp.minimum(xp.maximum(mean, global_mean - reach), global_mean + reach)
+    clipped = (precision != client_precision) | (mean != client_mean)
+    return BoundedReply(mean, precision, int(clipped.sum()))
 
 
 def cosine_lr(lr0: float, round_index: int, num_rounds: int) -> float:
@@ -257,17 +298,40 @@ class BayesADMM(FederatedStrategy):
         # server_update and accumulate_duals would sum the lists.
         received_mean = np.zeros_like(self.mean) if self.at_prior else self.mean
         duals, precision_sum, natural_mean_sum = self.duals, 0, 0
+        clipped_coords, clipped_nodes = 0, set()
         for reply in valid:
             arrays = reply.content.array_records
-            m = flatten(record_to_numpy(arrays[records.ARRAYS])).astype(np.float64)
-            s = flatten(record_to_numpy(arrays[records.PRECISION])).astype(np.float64)
-            increment = client_dual_increment(
-                received_mean, self.precision, m, s, self.cfg.rho, self.cfg.dual_damping
+            bounded = bound_reply(
+                flatten(record_to_numpy(arrays[records.ARRAYS])).astype(np.float64),
+                flatten(record_to_numpy(arrays[records.PRECISION])).astype(np.float64),
+                received_mean,
+                self.precision,
+                self.cfg.precision_ratio_bound,
+                self.cfg.precision_min,
+                self.cfg.precision_max,
+                self.cfg.mean_shift_bound,
             )
-            duals = accumulate_duals(duals, [increment])
+            m, s = bounded.mean, bounded.precision
+            if bounded.clipped_coords:
+                # The client computed its increment from what it sent, not from the clipped
+                # values: neither side keeps this round's increment (the node is not marked
+                # accepted, so it drops its pending one).
+                node = reply.metadata.src_node_id
+                clipped_coords += bounded.clipped_coords
+                clipped_nodes.add(node)
+                reason = f"node {node}: {bounded.clipped_coords} coordinate(s) out of bounds " \
+                    "clipped, dual increment not accepted"
+                self.last_round.reasons.append(reason)
+                log(WARNING, "Reply %s", reason)
+            else:
+                increment = client_dual_increment(
+                    received_mean, self.precision, m, s, self.cfg.rho, self.cfg.dual_damping
+                )
+                duals = accumulate_duals(duals, [increment])
+                del increment
             precision_sum = precision_sum + s
             natural_mean_sum = natural_mean_sum + s * m
-            del m, s, increment
+            del m, s, bounded
         update = server_update_from_averages(
             precision_sum / len(valid), natural_mean_sum / len(valid), duals.mean, duals.precision,
             self.cfg.rho, self.prior_precision, max(self.num_clients, len(valid)),
@@ -283,6 +347,8 @@ class BayesADMM(FederatedStrategy):
         self.fallback_coords = update.fallback_coords
         for reply in valid:
             node = reply.metadata.src_node_id
+            if node in clipped_nodes:  # its increment is counted by neither side
+                continue
             self.accepted_round[node] = server_round
             config = reply.content.config_records.get(records.CONFIG)
             if config is not None and isinstance(config.get(records.CLIENT_ID), str):
@@ -292,4 +358,6 @@ class BayesADMM(FederatedStrategy):
         metrics = weighted_metrics([r.content.metric_records[records.METRICS] for r in valid])
         if metrics is not None:
             metrics["precision-fallback-coords"] = update.fallback_coords
+            metrics["clipped-coords"] = clipped_coords
+            metrics["clipped-replies"] = len(clipped_nodes)
         return self.global_records()[0], metrics

@@ -5,14 +5,15 @@ or FedPA's Sigma_hat^-1 (mu_hat - theta). The server takes the example-weighted 
 and hands g = -Delta_bar to SGD with momentum in PyTorch's form, b <- momentum * b + g,
 theta <- theta - lr * b. With lr 1 and momentum 0 this is plain FedAvg; a server learning rate
 or momentum makes it FedAvgM. A round whose mean is non-finite, or that has no weight at all,
-leaves the state unchanged.
+leaves the state unchanged. The run config may replace the weighted mean by a robust combiner,
+cap one reply's weight or clip each delta's norm first (`strategies/robust.py`).
 
 The math functions are pure: they return new arrays and never write into their arguments.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -21,6 +22,7 @@ from flwr.serverapp import Grid
 
 from strategies.base import FederatedStrategy, weighted_metrics
 from task import records
+from strategies.robust import adapt_clip_norm, cap_weights, clip_update, combiner
 from task.config import RunConfig
 from task.params import decode_array, numpy_to_record
 
@@ -112,8 +114,12 @@ def aggregate_round(
     momentum_buffer: Sequence[np.ndarray] | None,
     lr: float,
     momentum: float,
+    combine: Callable[..., Arrays | None] = weighted_mean,
 ) -> RoundOutcome:
     """Average the client deltas by example weight and take one server step.
+
+    `combine(deltas, weights)` replaces the weighted mean by a robust combiner
+    (`strategies.robust.robust_combine`); it returns None when no reply has weight.
 
     When the weights sum to 0, or the mean or the stepped params or buffer hold any NaN or Inf
     (overflow included), the round is skipped: the returned params and buffer are the ones
@@ -124,7 +130,7 @@ def aggregate_round(
         momentum_buffer=None if momentum_buffer is None else list(momentum_buffer),
         skipped=True,
     )
-    mean_delta = weighted_mean(deltas, weights)
+    mean_delta = combine(deltas, weights)
     if mean_delta is None or not all(np.isfinite(array).all() for array in mean_delta):
         return unchanged
     new_params, new_buffer = server_sgd_step(params, mean_delta, momentum_buffer, lr, momentum)
@@ -141,16 +147,23 @@ class FedAvg(FederatedStrategy):
         self.keys = list(initial_arrays.keys())
         self.params: Arrays = [decode_array(initial_arrays[k]) for k in self.keys]
         self.momentum_buffer: Arrays | None = None
+        self.clip_norm = cfg.clip_norm  # changes every round when adaptive
+        self.combine = (
+            weighted_mean
+            if cfg.aggregation == "mean"
+            else combiner(cfg.aggregation, cfg.trim_fraction, cfg.krum_byzantine)
+        )
 
     def state_dict(self):
         arrays, meta = super().state_dict()
         arrays |= {f"params/{i}": p for i, p in enumerate(self.params)}
         for i, b in enumerate(self.momentum_buffer or []):
             arrays[f"momentum/{i}"] = b
-        return arrays, meta
+        return arrays, meta | {"clip_norm": self.clip_norm}
 
     def load_state_dict(self, arrays, meta) -> None:
         super().load_state_dict(arrays, meta)
+        self.clip_norm = meta.get("clip_norm", self.cfg.clip_norm)
         self.params = [arrays[f"params/{i}"] for i in range(len(self.keys))]
         self.momentum_buffer = (
             [arrays[f"momentum/{i}"] for i in range(len(self.keys))] if "momentum/0" in arrays else None
@@ -179,16 +192,38 @@ class FedAvg(FederatedStrategy):
                 f"{len(valid)} usable repl(ies), min-train-nodes is {self.cfg.min_train_nodes}"
             )
         metrics = [r.content.metric_records[records.METRICS] for r in valid]
+        weights = [m[records.NUM_EXAMPLES] for m in metrics]
+        if self.cfg.max_client_weight < 1:
+            weights = cap_weights(weights, self.cfg.max_client_weight)
+        # A generator: one client's delta at a time, so with `mean` memory does not grow with K.
+        deltas = (self.client_delta(r.content.array_records[records.ARRAYS]) for r in valid)
+        clipped: list[bool] = []
+        if self.clip_norm > 0:
+            deltas = self._clipped(deltas, clipped)
         outcome = aggregate_round(
             self.params,
-            # A generator: one client's delta at a time, so memory does not grow with K.
-            (self.client_delta(r.content.array_records[records.ARRAYS]) for r in valid),
-            [m[records.NUM_EXAMPLES] for m in metrics],
+            deltas,
+            weights,
             self.momentum_buffer,
             self.cfg.server_lr,
             self.cfg.server_momentum,
+            combine=self.combine,
         )
         if outcome.skipped:
             return self.skip_round("the averaged update is not finite")
         self.params, self.momentum_buffer = outcome.params, outcome.momentum_buffer
-        return numpy_to_record(dict(zip(self.keys, self.params))), weighted_metrics(metrics)
+        train_metrics = weighted_metrics(metrics)
+        if self.clip_norm > 0 and train_metrics is not None:
+            train_metrics["clip-norm"] = self.clip_norm
+            train_metrics["clipped-updates"] = sum(clipped)
+        if self.cfg.clip_norm_adaptive:
+            unclipped = 1.0 - sum(clipped) / len(clipped)
+            self.clip_norm = adapt_clip_norm(self.clip_norm, unclipped, self.cfg.clip_norm_quantile)
+        return numpy_to_record(dict(zip(self.keys, self.params))), train_metrics
+
+    def _clipped(self, deltas: Iterable[Arrays], clipped: list[bool]) -> Iterable[Arrays]:
+        """Each delta cut to `clip_norm`; appends to `clipped` whether it was."""
+        for delta in deltas:
+            delta, cut = clip_update(delta, self.clip_norm)
+            clipped.append(cut)
+            yield delta

@@ -7,6 +7,7 @@ what is allowed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -143,10 +144,61 @@ class RunConfig(BaseModel):
     eval_mc_samples: Count = Field(
         32, ge=1, description="BayesADMM: weight draws for Bayesian model averaging"
     )
+    # BayesADMM: bounds on what one reply can do to the posterior (docs/ALGORITHMS.md,
+    # "Bounding a BayesADMM reply"); a clipped reply's dual increment is not accepted.
+    precision_ratio_bound: float = Field(
+        0.0,
+        ge=0,
+        description="BayesADMM: clip a reply's precision to [S_g/c, c S_g] per coordinate, "
+        "c = this (>= 1; 0: off)",
+    )
+    precision_min: float = Field(
+        0.0, ge=0, description="BayesADMM: smallest precision a reply may carry (0: off)"
+    )
+    precision_max: float = Field(
+        1e12, gt=0, description="BayesADMM: largest precision a reply may carry"
+    )
+    mean_shift_bound: float = Field(
+        1000.0,
+        ge=0,
+        description="BayesADMM: clip |m_k - m_g| to this many global standard deviations "
+        "per coordinate (0: off)",
+    )
     # IVON (optimizer = "ivon", and the BayesADMM client).
     hess_init: float = Field(0.1, gt=0, description="IVON: initial Hessian h0")
     beta2: float = Field(0.9998, gt=0, le=1, description="IVON: Hessian EMA rate")
     mc_samples: Count = Field(1, ge=1, description="IVON: weight samples per step")
+    # Robust aggregation for FedAvg and FedPA (docs/ALGORITHMS.md, "Robust aggregation").
+    aggregation: Literal["mean", "trimmed-mean", "median", "krum", "multi-krum"] = Field(
+        "mean",
+        description="FedAvg/FedPA: how the client updates are combined; all but `mean` hold "
+        "every reply in memory",
+    )
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="`trimmed-mean`: share of replies cut at each end"
+    )
+    krum_byzantine: Count = Field(
+        1, ge=0, description="`krum`, `multi-krum`: hostile nodes f to tolerate (needs n >= 2f + 3)"
+    )
+    max_client_weight: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="FedAvg/FedPA: cap on one reply's share of the example weights (1: off)",
+    )
+    clip_norm: float = Field(
+        0.0,
+        ge=0,
+        description="FedAvg/FedPA: clip each update to this L2 norm (0: off; the start value "
+        "when adaptive)",
+    )
+    clip_norm_adaptive: bool = Field(
+        False,
+        description="adapt `clip-norm` each round toward `clip-norm-quantile` (Andrew et al.)",
+    )
+    clip_norm_quantile: float = Field(
+        0.5, ge=0, le=1, description="adaptive clipping: target share of unclipped updates"
+    )
     fraction_train: float = Field(
         1.0, gt=0, le=1, description="share of connected nodes sampled per round"
     )
@@ -206,6 +258,50 @@ class RunConfig(BaseModel):
             f"strategy '{self.strategy}' with posterior '{self.posterior}' needs optimizer "
             f"{needed}, got '{self.optimizer}'"
         )
+
+    @model_validator(mode="after")
+    def _robust_settings_fit_the_strategy(self) -> "RunConfig":
+        if self.strategy == "bayes-admm":
+            for key, value, off in (
+                ("aggregation", self.aggregation, "mean"),
+                ("max-client-weight", self.max_client_weight, 1.0),
+                ("clip-norm", self.clip_norm, 0.0),
+            ):
+                if value != off:
+                    raise ValueError(
+                        f"'{key}' = {value!r} applies to fedavg and fedpa; bayes-admm bounds "
+                        "replies with precision-ratio-bound, precision-min/max, mean-shift-bound"
+                    )
+        if 0 < self.precision_ratio_bound < 1:
+            raise ValueError("'precision-ratio-bound' must be 0 (off) or at least 1")
+        if self.precision_min >= self.precision_max:
+            raise ValueError("'precision-min' must be smaller than 'precision-max'")
+        if self.strategy == "bayes-admm" and not (
+            self.precision_min <= self.prior_precision <= self.precision_max
+        ):
+            raise ValueError(
+                f"'prior-precision' = {self.prior_precision} lies outside [precision-min, "
+                f"precision-max] = [{self.precision_min}, {self.precision_max}]"
+            )
+        if self.clip_norm_adaptive and self.clip_norm == 0:
+            raise ValueError("'clip-norm-adaptive' needs 'clip-norm' > 0 as its starting norm")
+        n, f = self.min_train_nodes, self.krum_byzantine
+        if self.aggregation == "trimmed-mean" and int(self.trim_fraction * n) < 1:
+            need = "'trim-fraction' > 0" if self.trim_fraction == 0 else (
+                f"'min-train-nodes' >= {math.ceil(1 / self.trim_fraction)}"
+            )
+            raise ValueError(
+                f"aggregation 'trimmed-mean' with trim-fraction {self.trim_fraction} and "
+                f"min-train-nodes {n} may trim no reply: it needs {need}"
+            )
+        if self.aggregation == "median" and n < 3:
+            raise ValueError(f"aggregation 'median' needs min-train-nodes >= 3, got {n}")
+        if self.aggregation in ("krum", "multi-krum") and n < 2 * f + 3:
+            raise ValueError(
+                f"aggregation '{self.aggregation}' with krum-byzantine = {f} needs "
+                f"min-train-nodes >= 2f + 3 = {2 * f + 3}, got {n}"
+            )
+        return self
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:

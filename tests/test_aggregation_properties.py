@@ -38,12 +38,14 @@ from strategies.bayes_admm import (
     BayesADMM,
     DualSums,
     accumulate_duals,
+    bound_reply,
     client_dual_increment,
     cosine_lr,
     server_update,
 )
 from strategies.fedavg import aggregate_round, server_sgd_step, weighted_mean
 from task import records
+from strategies.robust import cap_weights, clip_update, robust_combine
 from task.config import parse_run_config
 from task.params import flatten, record_to_numpy, unflatten
 from tests.conftest import FakeGrid, reply
@@ -594,7 +596,9 @@ INVALID = [
 def make_strategy(name, min_train_nodes, server_lr=1.0, server_momentum=0.0, initial=None):
     overrides = {"strategy": name, "min-train-nodes": min_train_nodes}
     if name == "bayes-admm":
-        overrides["optimizer"] = "ivon"
+        # The reply bounds off: these properties are about validity; the bounds have their own
+        # tests (tests/test_robust_aggregation.py, tests/test_bayes_admm_federation.py).
+        overrides |= {"optimizer": "ivon", "mean-shift-bound": 0.0, "precision-max": 3e38}
     else:
         overrides.update({"server-lr": server_lr, "server-momentum": server_momentum})
     cfg = parse_run_config(overrides)
@@ -918,3 +922,75 @@ def test_fedavg_round_that_would_overflow_is_skipped(initial, sent, server_lr):
     assert strategy.aggregate_train(1, replies) == (None, None)
     assert strategy.last_round.accepted == 2 and strategy.last_round.skipped
     assert_same_state(state_of(strategy), before)
+
+
+# ---------------------------------------------------------------------------- robust aggregation
+
+
+@PROPERTY
+@given(st.data(), st.sampled_from(["trimmed-mean", "median", "krum", "multi-krum"]))
+def test_robust_combiners_stay_in_the_coordinatewise_hull(data, aggregation):
+    deltas, shapes, dtype = data.draw(client_deltas(min_clients=1, max_clients=6, bound=1e6))
+    weights = data.draw(example_counts(len(deltas)))
+    combined = robust_combine(aggregation, deltas, weights, 0.25, 1)
+    for index, array in enumerate(combined):
+        stack = np.stack([np.asarray(d[index], np.float64) for d in deltas])
+        allowance = slack(np.abs(stack).max(axis=0), dtype, len(deltas))
+        assert array.dtype == dtype and array.shape == tuple(shapes[index])
+        assert (array >= stack.min(axis=0) - allowance).all()
+        assert (array <= stack.max(axis=0) + allowance).all()
+
+
+@PROPERTY
+@given(st.data())
+def test_clipped_updates_keep_their_direction_and_respect_the_norm(data):
+    deltas, _, _ = data.draw(client_deltas(max_clients=1, bound=1e6, dtype=np.float64))
+    max_norm = data.draw(st.floats(1e-3, 1e3))
+    clipped, cut = clip_update(deltas[0], max_norm)
+    norm = math.sqrt(sum(float((a**2).sum()) for a in deltas[0]))
+    new_norm = math.sqrt(sum(float((a**2).sum()) for a in clipped))
+    assert new_norm <= max_norm * (1 + 1e-9) or not cut
+    assert cut == (norm > max_norm * (1 + 1e-12)) or math.isclose(norm, max_norm, rel_tol=1e-9)
+    if not cut:
+        assert_bitwise_equal(clipped, deltas[0])
+
+
+@PROPERTY
+@given(st.data())
+def test_bound_reply_always_lands_inside_the_bounds(data):
+    size = data.draw(st.integers(1, 6))
+    positive = st.floats(1e-30, 3e38)
+    vec = lambda elements: data.draw(hnp.arrays(np.float64, size, elements=elements))  # noqa: E731
+    client_mean, client_precision = vec(finite(bound=1e30)), vec(positive)
+    global_mean, global_precision = vec(finite(bound=1e6)), vec(st.floats(1e-6, 1e12))
+    ratio = data.draw(st.sampled_from([0.0, 1.0, 10.0, 1e3]))
+    low = data.draw(st.sampled_from([0.0, 1e-8]))
+    high = data.draw(st.sampled_from([1e12, math.inf]))
+    shift = data.draw(st.sampled_from([0.0, 1.0, 1000.0]))
+    bounded = bound_reply(client_mean, client_precision, global_mean, global_precision,
+                          ratio, low, high, shift)
+    assert np.isfinite(bounded.mean).all() or shift == 0
+    assert (bounded.precision >= low).all() and (bounded.precision <= high).all()
+    if ratio:
+        inside = (global_precision / ratio >= low) & (global_precision * ratio <= high)
+        p = bounded.precision[inside]
+        assert (p >= global_precision[inside] / ratio).all() and (p <= global_precision[inside] * ratio).all()
+    if shift:
+        reach = shift / np.sqrt(global_precision)
+        rounding = 4 * np.finfo(np.float64).eps * np.abs(global_mean)
+        assert (np.abs(bounded.mean - global_mean) <= reach * (1 + 1e-12) + rounding).all()
+    changed = (bounded.mean != client_mean) | (bounded.precision != client_precision)
+    assert bounded.clipped_coords == int(changed.sum())
+    # Idempotent: a clipped reply is inside the bounds.
+    again = bound_reply(bounded.mean, bounded.precision, global_mean, global_precision, ratio, low, high, shift)
+    assert again.clipped_coords == 0
+
+
+@PROPERTY
+@given(st.lists(st.one_of(st.integers(1, 2**63 - 1), st.floats(1e-3, 1e15)), min_size=1, max_size=10),
+       st.floats(0.05, 1.0))
+def test_capped_weights_give_no_reply_more_than_its_share(weights, cap):
+    shares = cap_weights(weights, cap)
+    assert math.isclose(sum(shares), 1.0, rel_tol=1e-9) or cap == 1
+    if cap < 1 and len(weights) * cap > 1:
+        assert max(shares) <= cap * (1 + 1e-12)

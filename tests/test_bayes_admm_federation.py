@@ -146,9 +146,10 @@ def test_predict_reports_a_bad_run_folder(tmp_path, capsys):
 
 
 def test_a_global_outside_float32_skips_the_round(fake_grid):
-    # rho 10: the dual term doubles a mean near float32's largest value (m_g = 5.4e38).
+    # rho 10: the dual term doubles a mean near float32's largest value (m_g = 5.4e38). The
+    # mean-shift bound, on by default, would clip this reply: switched off to reach the guard.
     cfg = parse_run_config({**default_run_config(), **SMALL, "min-train-nodes": 1, "rho": 10.0,
-                            "dual-damping": 1.0})
+                            "dual-damping": 1.0, "mean-shift-bound": 0.0})
     initial = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
     strategy = BayesADMM(cfg, initial)
     msgs = list(strategy.configure_train(1, initial, ConfigRecord(), fake_grid([1])))
@@ -218,3 +219,61 @@ def test_dual_sums_stay_equal_across_a_resume_that_draws_new_node_ids(tmp_path):
     grid.node_ids = sorted(grid.contexts)
     rounds(resumed, grid, [4, 5, 6])
     assert resumed.client_ids and set(resumed.client_ids.values()) <= {f"partition-{p}" for p in range(6)}
+
+
+def _federation_with_a_hostile_round(overrides, attack_rounds, num_rounds=8):
+    """Four real IVON nodes; node 4 replies with precision 1e30 and mean 7 (issue 14's pinning
+    attack) in `attack_rounds`, and is honest again afterwards. Yields the strategy each round,
+    after checking that the server's dual sums equal what the nodes hold."""
+    from benchmarks.inprocess import _set_task_identity
+
+    run_config = {**default_run_config(), **SMALL, "min-train-nodes": 3, **overrides}
+    cfg = parse_run_config(run_config)
+    grid = InProcessGrid(run_config, num_nodes=4)
+    strategy = STRATEGIES["bayes-admm"](cfg, model_to_record(build_model(cfg, data_spec(cfg))))
+    _set_task_identity()
+    for server_round in range(1, num_rounds + 1):
+        messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
+        replies = grid.send_and_receive(messages)
+        if server_round in attack_rounds:
+            honest = replies[-1].content
+            hostile = RecordDict({
+                records.ARRAYS: ArrayRecord({k: Array(np.full(a.shape, 7.0, np.float32))
+                                             for k, a in honest.array_records[records.ARRAYS].items()}),
+                records.PRECISION: ArrayRecord({k: Array(np.full(a.shape, 1e30, np.float32))
+                                                for k, a in honest.array_records[records.PRECISION].items()}),
+                records.METRICS: honest.metric_records[records.METRICS],
+            })
+            replies[-1] = reply(messages[-1], hostile)
+        _, metrics = strategy.aggregate_train(server_round, replies)
+        held = [_node_duals(grid, strategy, n) for n in grid.contexts]
+        np.testing.assert_allclose(sum(V for _, V in held), strategy.duals.precision, rtol=1e-9, atol=1e-9)
+        yield strategy, metrics
+
+
+def test_a_pinning_reply_is_clipped_and_honest_rounds_pull_the_global_back():
+    """Against an honest twin run: after the attack round the global's distance to the twin's
+    shrinks every round (measured: mean 9.9 -> 1.2 relative distance, median precision ratio
+    3.1 -> 1.35 over 8 rounds). c = 10 also clips every honest reply of round 1, where the
+    global is the prior (the twin too); later honest rounds are never clipped."""
+    bound = {"precision-ratio-bound": 10.0}
+    honest = [(s.mean.copy(), s.precision.copy()) for s, _ in
+              _federation_with_a_hostile_round(bound, (), 10)]
+    distances, ratios = [], []
+    for server_round, (strategy, metrics) in enumerate(
+        _federation_with_a_hostile_round(bound, (2,), 10), start=1
+    ):
+        mean, precision = honest[server_round - 1]
+        distances.append(np.linalg.norm(strategy.mean - mean) / np.linalg.norm(mean))
+        ratios.append(np.median(strategy.precision / precision))
+        if server_round == 2:
+            assert metrics["clipped-replies"] == 1 and metrics["clipped-coords"] > 0
+            assert any("node 4:" in r and "dual increment not accepted" in r
+                       for r in strategy.last_round.reasons)
+            assert strategy.accepted_round.get(4, 0) < 2
+            assert np.all(strategy.precision <= 10 * precision) and np.isfinite(strategy.mean).all()
+        elif server_round > 2:
+            assert metrics["clipped-replies"] == 0
+    assert all(later < earlier for earlier, later in zip(distances[1:], distances[2:]))
+    assert distances[-1] < 0.25 * distances[1]
+    assert ratios[-1] - 1 < 0.5 * (ratios[1] - 1)

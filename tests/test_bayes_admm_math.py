@@ -21,6 +21,7 @@ from strategies.bayes_admm import (
     DualSums,
     ServerUpdate,
     accumulate_duals,
+    bound_reply,
     client_dual_increment,
     cosine_lr,
     server_update,
@@ -351,3 +352,109 @@ def test_ivon_admm_clients_on_linear_regression_approach_the_pooled_posterior():
     assert mean_error < tolerance < min(local_errors) / 5
     # The Price Hessian estimate is noisy (measured 3% off); a client alone has a quarter of it.
     np.testing.assert_allclose(precision.numpy(), np.diag(exact_precision), rtol=0.25)
+
+
+# ---------------------------------------------------------------------------- hostile replies
+
+BOUNDS = {"ratio_bound": 100.0, "precision_min": 0.0, "precision_max": 1e12, "mean_shift_bound": 1000.0}
+NO_BOUNDS = {"ratio_bound": 0.0, "precision_min": 0.0, "precision_max": math.inf, "mean_shift_bound": 0.0}
+# Issue 14's BayesADMM attacks, as (mean, precision) given the global (m~, S~) the node received.
+ATTACKS = {
+    "pin": lambda m, s: (np.full_like(m, 7.0), np.full_like(s, 1e30)),
+    "freeze": lambda m, s: (m, np.full_like(s, 3e38)),
+    "wreck": lambda m, s: (np.full_like(m, 1e30), np.ones_like(s)),
+}
+
+
+def test_bound_reply_keeps_a_reply_inside_the_bounds_untouched():
+    rng = np.random.default_rng(5)
+    global_mean, global_precision = rng.normal(size=6), rng.uniform(1, 100, 6)
+    mean = global_mean + rng.uniform(-1, 1, 6) / np.sqrt(global_precision)
+    precision = global_precision * rng.uniform(0.5, 2, 6)
+    bounded = bound_reply(mean, precision, global_mean, global_precision, 2.0, 1e-3, 1e4, 1.0)
+    assert bounded.clipped_coords == 0
+    assert bounded.mean.tobytes() == mean.tobytes() and bounded.precision.tobytes() == precision.tobytes()
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_bound_reply_clips_precision_ratio_absolute_bounds_and_mean_shift(as_torch):
+    vec = (lambda *x: torch.tensor(x, dtype=torch.float64)) if as_torch else (lambda *x: np.array(x))
+    global_mean, global_precision = vec(0.0, 1.0, 2.0, 3.0), vec(4.0, 4.0, 100.0, 1e6)
+    mean, precision = vec(100.0, 1.0, -5.0, 3.0), vec(1e30, 1e-9, 100.0, 1e7)
+    bounded = bound_reply(mean, precision, global_mean, global_precision, 10.0, 1.0, 5e6, 3.0)
+    # [S/10, 10 S], then [1, 5e6]; |m - m~| <= 3 / sqrt(S~).
+    assert bounded.precision.tolist() == [40.0, 1.0, 100.0, 5e6]
+    assert bounded.mean.tolist() == pytest.approx([1.5, 1.0, 2.0 - 0.3, 3.0])
+    assert bounded.clipped_coords == 4
+    # Off: only the absolute bounds remain.
+    assert bound_reply(mean, precision, global_mean, global_precision).clipped_coords == 0
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_bounded_replies_give_bounded_dual_increments(attack):
+    rng = np.random.default_rng(6)
+    global_mean, global_precision = rng.normal(size=5), rng.uniform(1, 100, 5)
+    c, b, rho, damping = BOUNDS["ratio_bound"], BOUNDS["mean_shift_bound"], 0.5, 0.1
+    mean, precision = ATTACKS[attack](global_mean, global_precision)
+    bounded = bound_reply(mean, precision, global_mean, global_precision, **BOUNDS)
+    dv, dV = client_dual_increment(global_mean, global_precision, bounded.mean, bounded.precision, rho, damping)
+    assert np.all(np.abs(dV) <= damping * rho * (c - 1) * global_precision * (1 + 1e-12))
+    natural_bound = c * global_precision * b / np.sqrt(global_precision) + (c - 1) * global_precision * np.abs(global_mean)
+    assert np.all(np.abs(dv) <= damping * rho * natural_bound * (1 + 1e-12))
+
+
+def _rounds_with_an_attacker(attack, bounds, num_rounds, attack_rounds=range(2, 5)):
+    """Exact mean-field clients (rho 1, damping 1); node 3 sends `attack` in `attack_rounds`, then
+    is honest again with the duals it held (a hostile process that left). The server clips every
+    reply with `bound_reply` and adds the dual increment of unclipped replies only; a node commits
+    its own increment only when its reply was accepted unclipped. Yields (update, clipped, sums, duals)."""
+    rho, damping, temperature, prior_precision = 1.0, 1.0, 0.5, 1.0
+    clients = _quadratic_clients(np.random.default_rng(7), 4, 5, correlation=0.5)
+    mean, precision = np.zeros(5), np.full(5, prior_precision)
+    duals = [(np.zeros(5), np.zeros(5)) for _ in clients]
+    sums = DualSums.zeros_like(mean)
+    for round_index in range(num_rounds):
+        means, precisions, increments, clipped = [], [], [], 0
+        for k, ((A, b), (v, V)) in enumerate(zip(clients, duals)):
+            client_mean, client_precision = _diagonal_exact_client(A, b, v, V, mean, precision, rho, temperature)
+            hostile = k == 3 and round_index in attack_rounds
+            if hostile:
+                client_mean, client_precision = ATTACKS[attack](mean, precision)
+            bounded = bound_reply(client_mean, client_precision, mean, precision, **bounds)
+            clipped += bounded.clipped_coords
+            if not bounded.clipped_coords:
+                increment = client_dual_increment(mean, precision, bounded.mean, bounded.precision, rho, damping)
+                increments.append(increment)
+                if not hostile:
+                    duals[k] = (v + increment[0], V + increment[1])
+            means.append(bounded.mean)
+            precisions.append(bounded.precision)
+        sums = accumulate_duals(sums, increments)
+        update = server_update(means, precisions, sums.mean, sums.precision, rho, prior_precision, 4)
+        mean, precision = update.mean, update.precision
+        yield update, clipped, sums, duals
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_after_a_bounded_attacker_leaves_honest_rounds_pull_the_global_back(attack):
+    clients = _quadratic_clients(np.random.default_rng(7), 4, 5, correlation=0.5)
+    exact_mean, exact_precision = _exact_posterior(clients, 1.0, 0.5)
+    history = list(_rounds_with_an_attacker(attack, BOUNDS, 400))
+    clipped = [c for _, c, _, _ in history]
+    assert clipped[0] == clipped[1] == 0 and all(c > 0 for c in clipped[2:5])  # honest never clipped
+    assert sum(clipped[5:]) == 0
+    during = history[4][0]
+    assert np.isfinite(during.mean).all() and np.isfinite(during.precision).all()
+    # Per round the attacker can raise the precision at most ~ (c + K - 1) / K times.
+    assert np.all(during.precision < 1e9)
+    update, _, sums, duals = history[-1]
+    np.testing.assert_allclose(update.mean, exact_mean, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(update.precision, np.diag(exact_precision), rtol=1e-9)
+    # No increment the nodes do not hold is in the server's sums.
+    np.testing.assert_allclose(sums.precision, sum(V for _, V in duals), rtol=1e-9, atol=1e-6)
+
+
+def test_unbounded_the_pinning_attack_poisons_the_global_for_good():
+    *_, (update, _, sums, duals) = _rounds_with_an_attacker("pin", NO_BOUNDS, 400)
+    assert np.all(update.precision > 1e25) and np.allclose(update.mean, 7.0)
+    assert np.all(np.abs(sums.precision - sum(V for _, V in duals)) > 1e25)
