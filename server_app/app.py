@@ -87,6 +87,10 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
             "bytes_down": sum(payload_bytes(m.content) for m in train_msgs),
             "bytes_up": sum(payload_bytes(m.content) for m in replies if not m.has_error()),
             "eval_bytes_down": sum(payload_bytes(m.content) for m in eval_msgs),
+            "eval_replies": strategy.last_evaluate.accepted,
+            "eval_rejected": strategy.last_evaluate.rejected,
+            "eval_failed": strategy.last_evaluate.failed + len(eval_msgs) - len(eval_replies),
+            "eval_problems": strategy.last_evaluate.reasons,
         }
         entry |= _prefixed("train", train_metrics) | _prefixed("client", client_eval)
         entry["seconds"] = time.perf_counter() - started

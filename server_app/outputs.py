@@ -9,6 +9,7 @@ every artifact is written, then `"completed"`: a file left by a failed run never
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,11 @@ class RunOutputs:
         self.results["resumed_at_round"] = self.results.get("resumed_at_round", []) + [last_round]
 
     def add_round(self, entry: dict[str, Any]) -> None:
-        self.results["rounds"].append(entry)
+        self.results["rounds"].append(strict_json_entry(entry))
         self.write_results()
 
     def write_results(self) -> None:
-        write_atomic(self.dir / RESULTS, json.dumps(self.results, indent=2).encode())
+        write_atomic(self.dir / RESULTS, json.dumps(self.results, indent=2, allow_nan=False).encode())
 
     def save_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> Path:
         save_npz(self.dir / name, arrays)
@@ -83,6 +84,29 @@ class RunOutputs:
     def plot(self) -> Path:
         plot_rounds(self.results["rounds"], self.dir / PLOT, self.results["config"]["strategy"])
         return self.dir / PLOT
+
+
+def strict_json_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """`entry` with every non-finite float written as null, and why under `not_finite`.
+
+    JSON has no NaN or Infinity (Python's json module writes them, most readers refuse them).
+    """
+    reasons: dict[str, str] = {}
+
+    def clean(value: Any, path: str) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            reasons[path] = f"{value} is not a finite number, written as null"
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    cleaned = clean(entry, "")
+    if reasons:
+        cleaned["not_finite"] = reasons
+    return cleaned
 
 
 def model_card(cfg: RunConfig, spec: DataSpec, test: ArrayData) -> dict[str, Any]:
