@@ -317,11 +317,18 @@ def check_partitions(cfg: RunConfig, spec: DataSpec, num_partitions: int) -> Non
 
     pool, _ = _offline_split(cfg)
     where = f"partitioner '{cfg.partitioner}' over {num_partitions} nodes ({len(pool)} training rows)"
+    if num_partitions > len(pool):
+        raise ConfigError(f"run config: {where} leaves partitions empty: more nodes than rows")
+    if cfg.partitioner == "iid":  # sizes differ by at most one: none is empty
+        return
+    # Dirichlet splits every partition at the first load, each of min_partition_size rows or
+    # more, or raises; pathological can leave one empty: its sizes are all looked at.
+    ids = range(num_partitions) if cfg.partitioner == "pathological" else range(1)
     try:
         with warnings.catch_warnings():  # the partitioner warns on each failed attempt
             warnings.simplefilter("ignore")
             partitioner = _offline_partitioner(cfg, num_partitions)
-            sizes = [len(partitioner.load_partition(i)) for i in range(num_partitions)]
+            sizes = [len(partitioner.load_partition(i)) for i in ids]
     except ValueError as err:
         _offline_partitioner.cache_clear()
         raise ConfigError(f"run config: {where} fails: {' '.join(str(err).split())}") from None
