@@ -38,9 +38,10 @@ class Checkpoint:
     run_id: str = ""  # empty: a checkpoint from before run ids, whose run is named by its state key
 
 
-# The metadata a checkpoint must hold, and the JSON type of each.
-META_TYPES: dict[str, type | tuple[type, ...]] = {
-    "round": int, "state_key": str, "config": dict, "strategy": dict,
+# The metadata a checkpoint must hold, the JSON type of each, and its name in a message.
+META_TYPES: dict[str, tuple[type, str]] = {
+    "round": (int, "an integer"), "state_key": (str, "a string"),
+    "config": (dict, "an object"), "strategy": (dict, "an object"),
 }
 
 
@@ -75,20 +76,18 @@ def load_checkpoint(folder: Path) -> Checkpoint:
         ) from None
     if not isinstance(meta, dict):
         raise ConfigError(f"resume-from: {path}: its metadata is a {type(meta).__name__}, not an object")
-    for key, kind in META_TYPES.items():
+    for key, (kind, name) in META_TYPES.items():
         if key not in meta:
             raise ConfigError(f"resume-from: {path}: its metadata lacks '{key}'")
         if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
-            raise ConfigError(
-                f"resume-from: {path}: metadata '{key}' = {meta[key]!r} is not a {kind.__name__}"
-            )
+            raise ConfigError(f"resume-from: {path}: metadata '{key}' = {meta[key]!r} is not {name}")
     if meta["round"] < 0:
         raise ConfigError(f"resume-from: {path}: round = {meta['round']} is negative")
     if not meta["state_key"]:
         raise ConfigError(f"resume-from: {path}: its state_key is empty")
     run_id = meta.get("run_id", "")
     if not isinstance(run_id, str):
-        raise ConfigError(f"resume-from: {path}: metadata 'run_id' = {run_id!r} is not a str")
+        raise ConfigError(f"resume-from: {path}: metadata 'run_id' = {run_id!r} is not a string")
     return Checkpoint(
         meta["round"], meta["state_key"], meta["config"], global_arrays, strategy, meta["strategy"],
         run_id or meta["state_key"],
