@@ -25,6 +25,7 @@ from task.config import RunConfig
 from task.params import decode_array
 
 
+INT64_MAX = 2**63 - 1
 DROPPED_METRICS = "dropped-metrics"  # how many client metric values were not finite numbers
 
 
@@ -232,6 +233,8 @@ def _count_problem(metrics: MetricRecord) -> str | None:
     count = metrics[records.NUM_EXAMPLES]
     if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
         return f"'{records.NUM_EXAMPLES}' = {count!r} is not a positive integer"
+    if count > INT64_MAX:  # more than Flower's wire format carries; as a float weight it overflows
+        return f"'{records.NUM_EXAMPLES}' = {count} is larger than {INT64_MAX}"
     return None
 
 
@@ -278,4 +281,6 @@ def weighted_metrics(
 
 
 def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) <= INT64_MAX if isinstance(value, int) else math.isfinite(value)
