@@ -172,3 +172,11 @@ def test_predict_uses_a_posterior_of_the_same_run(folder, inputs, capsys):
     _write_posterior(folder, precision=1e4)
     assert predict_main([str(folder), str(inputs), "--samples", "2"]) == 0
     assert capsys.readouterr().out.startswith("5 inputs, BMA over 2 draws")
+
+
+def test_an_infeasible_partition_fails_the_run_at_start(tmp_path):
+    # before: every node failed every round and the run "completed" with all rounds skipped
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="^run config: classes-per-client = 11 but 'digits' has 10 classes$"):
+        _run(_config(out, partitioner="pathological", **{"classes-per-client": 11}))
+    assert not out.exists()
