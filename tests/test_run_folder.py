@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks.inprocess import InProcessGrid, _set_task_identity, default_run_config
 from server_app.app import run
-from server_app.checkpoint import CHECKPOINT, load_checkpoint
+from server_app.checkpoint import load_checkpoint
 from task.config import ConfigError, parse_run_config
 from task.predict import RUN_ID_KEY, main as predict_main
 
