@@ -14,12 +14,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from server_app.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
 from server_app.evaluation import evaluate_bma, evaluate_mean
-from server_app.outputs import POSTERIOR, RunOutputs, save_posterior
+from server_app.outputs import POSTERIOR, RunOutputs, posterior_arrays
 from strategies import STRATEGIES
 from strategies.base import FederatedStrategy
 from task import records
 from task.config import ConfigError, RunConfig, parse_run_config
-from task.data import data_spec, server_test_set
+from task.data import check_partitions, data_spec, server_test_set
 from task.models import build_model, resolve_device
 from task.params import model_to_record, numpy_to_record, record_to_numpy
 
@@ -46,14 +46,22 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
     model = build_model(cfg, spec)
     arrays = model_to_record(model)
     strategy: FederatedStrategy = STRATEGIES[cfg.strategy](cfg, arrays)
-    state_key, first_round = uuid.uuid4().hex, 1
+    # The run id names every artifact; the state key names the clients' lasting state.
+    run_id, state_key, first_round = uuid.uuid4().hex, uuid.uuid4().hex, 1
     resumed = load_checkpoint(Path(cfg.resume_from)) if cfg.resume_from else None
     if resumed is not None:
-        check_compatible(resumed, cfg)
+        check_compatible(resumed, cfg, record_to_numpy(arrays), strategy.state_dict()[0])
         arrays = numpy_to_record(resumed.global_arrays)
-        strategy.load_state_dict(resumed.strategy_arrays, resumed.strategy_meta)
-        state_key, first_round = resumed.state_key, resumed.round + 1
-    outputs = RunOutputs(cfg)
+        try:
+            strategy.load_state_dict(resumed.strategy_arrays, resumed.strategy_meta)
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise ConfigError(
+                f"resume-from: the checkpoint's strategy state does not fit ({type(err).__name__}: "
+                f"{' '.join(str(err).split())})"
+            ) from None
+        run_id, state_key, first_round = resumed.run_id, resumed.state_key, resumed.round + 1
+    check_partitions(cfg, spec, len(list(grid.get_node_ids())))
+    outputs = RunOutputs(cfg, run_id)
     # Simulated nodes keep their lasting state here (client_app/state.py); a resumed run keeps
     # the folder of the run it continues, wherever its own outputs go.
     client_state_dir = outputs.dir / records.CLIENT_STATE_FOLDER
@@ -97,13 +105,17 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
             "bytes_down": sum(payload_bytes(m.content) for m in train_msgs),
             "bytes_up": sum(payload_bytes(m.content) for m in replies if not m.has_error()),
             "eval_bytes_down": sum(payload_bytes(m.content) for m in eval_msgs),
+            "eval_replies": strategy.last_evaluate.accepted,
+            "eval_rejected": strategy.last_evaluate.rejected,
+            "eval_failed": strategy.last_evaluate.failed + len(eval_msgs) - len(eval_replies),
+            "eval_problems": strategy.last_evaluate.reasons,
         }
         entry |= _prefixed("train", train_metrics) | _prefixed("client", client_eval)
         entry["seconds"] = time.perf_counter() - started
         outputs.add_round(entry)
         checkpoint = Checkpoint(
             server_round, state_key, cfg.to_dict(), record_to_numpy(arrays),
-            *strategy.state_dict(), client_state_dir=str(client_state_dir),
+            *strategy.state_dict(), client_state_dir=str(client_state_dir), run_id=run_id,
         )
         save_checkpoint(outputs.dir, checkpoint)
         log(INFO, "%s", progress_line(entry, cfg.num_server_rounds))
@@ -113,7 +125,7 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
     _remove_empty_folders(client_state_dir)
     outputs.save_model(record_to_numpy(arrays), spec, test)
     if (posterior := strategy.posterior()) is not None:
-        save_posterior(outputs.dir / POSTERIOR, *posterior)
+        outputs.save_arrays(POSTERIOR, posterior_arrays(*posterior))
     outputs.plot()
     outputs.mark_completed()
     log(INFO, "Results: %s", outputs.dir)

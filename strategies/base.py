@@ -25,6 +25,10 @@ from task.config import RunConfig
 from task.params import decode_array
 
 
+INT64_MAX = 2**63 - 1
+DROPPED_METRICS = "dropped-metrics"  # how many client metric values were not finite numbers
+
+
 class NotEnoughNodes(RuntimeError):
     """Fewer nodes connected than the run needs, for longer than the round timeout."""
 
@@ -49,6 +53,7 @@ class FederatedStrategy(Strategy):
         self.dtypes = {k: np.dtype(initial_arrays[k].dtype) for k in initial_arrays.keys()}
         self.rng = random.Random(cfg.seed)
         self.last_round = RoundLog()
+        self.last_evaluate = RoundLog()
 
     # ------------------------------------------------------------------ sampling and messages
 
@@ -157,10 +162,7 @@ class FederatedStrategy(Strategy):
         metrics = content.metric_records.get(records.METRICS)
         if metrics is None or records.NUM_EXAMPLES not in metrics:
             return f"missing MetricRecord '{records.METRICS}' with '{records.NUM_EXAMPLES}'"
-        count = metrics[records.NUM_EXAMPLES]
-        if not isinstance(count, int) or count <= 0:
-            return f"'{records.NUM_EXAMPLES}' = {count!r} is not a positive integer"
-        return None
+        return _count_problem(metrics)
 
     def skip_round(self, reason: str) -> tuple[None, None]:
         self.last_round.skipped = True
@@ -184,12 +186,29 @@ class FederatedStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        metrics = [
-            r.content.metric_records[records.METRICS]
-            for r in replies
-            if not r.has_error() and records.METRICS in r.content.metric_records
-        ]
-        return weighted_metrics(metrics)
+        """The example-weighted client metrics; replies that cannot be weighted are logged
+        and counted in `last_evaluate`, as `check_replies` does for training replies."""
+        log_ = RoundLog()
+        usable = []
+        for reply in replies:
+            if reply.has_error():
+                reason, log_.failed = f"client error: {reply.error.reason}", log_.failed + 1
+            else:
+                metrics = reply.content.metric_records.get(records.METRICS)
+                reason = (
+                    f"missing MetricRecord '{records.METRICS}' with '{records.NUM_EXAMPLES}'"
+                    if metrics is None or records.NUM_EXAMPLES not in metrics
+                    else _count_problem(metrics)
+                )
+                if reason is None:
+                    usable.append(metrics)
+                    continue
+                log_.rejected += 1
+            log_.reasons.append(f"node {reply.metadata.src_node_id}: {reason}")
+            log(WARNING, "Evaluate reply from node %s not used: %s", reply.metadata.src_node_id, reason)
+        log_.accepted = len(usable)
+        self.last_evaluate = log_
+        return weighted_metrics(usable, log_.reasons)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -210,18 +229,58 @@ class FederatedStrategy(Strategy):
         log(INFO, "%s with %s", type(self).__name__, self.cfg.to_dict())
 
 
-def weighted_metrics(metrics: list[MetricRecord]) -> MetricRecord | None:
-    """Example-weighted mean of every scalar metric (the weight key itself is summed)."""
-    usable = [m for m in metrics if m.get(records.NUM_EXAMPLES, 0) > 0]
+def _count_problem(metrics: MetricRecord) -> str | None:
+    count = metrics[records.NUM_EXAMPLES]
+    if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+        return f"'{records.NUM_EXAMPLES}' = {count!r} is not a positive integer"
+    if count > INT64_MAX:  # more than Flower's wire format carries; as a float weight it overflows
+        return f"'{records.NUM_EXAMPLES}' = {count} is larger than {INT64_MAX}"
+    return None
+
+
+def weighted_metrics(
+    metrics: list[MetricRecord], problems: list[str] | None = None
+) -> MetricRecord | None:
+    """Example-weighted mean of every scalar metric (the weight key itself is summed).
+
+    A value that is not a finite number (NaN, inf, a list) is dropped with a logged reason
+    (appended to `problems` when given); the mean of that key is then over the others, and
+    `dropped-metrics` counts the values dropped.
+    """
+    usable = [m for m in metrics if records.NUM_EXAMPLES in m and _count_problem(m) is None]
     if not usable:
         return None
     total = sum(int(m[records.NUM_EXAMPLES]) for m in usable)
     out = MetricRecord({records.NUM_EXAMPLES: total})
     keys = set.intersection(*(set(m.keys()) for m in usable)) - {records.NUM_EXAMPLES}
+    dropped = 0
     for key in sorted(keys):
-        values = [m[key] for m in usable]
-        if all(isinstance(v, (int, float)) for v in values):
-            out[key] = float(
-                sum(v * m[records.NUM_EXAMPLES] for v, m in zip(values, usable)) / total
-            )
+        values = [(m[key], m[records.NUM_EXAMPLES]) for m in usable]
+        finite = [(v, n) for v, n in values if _is_finite_number(v)]
+        for value, _ in values:
+            if not _is_finite_number(value):
+                dropped += 1
+                reason = f"client metric '{key}' = {value!r} dropped: not a finite number"
+                log(WARNING, "%s", reason)
+                if problems is not None:
+                    problems.append(reason)
+        weight = sum(n for _, n in finite)
+        # Weights as shares: v * n could overflow where v * (n / weight) does not.
+        mean = sum(float(v) * (n / weight) for v, n in finite) if finite else math.nan
+        if math.isfinite(mean):
+            out[key] = mean
+        elif finite:
+            dropped += 1
+            reason = f"client metric '{key}': the weighted mean is not finite, dropped"
+            log(WARNING, "%s", reason)
+            if problems is not None:
+                problems.append(reason)
+    if dropped:
+        out[DROPPED_METRICS] = dropped
     return out
+
+
+def _is_finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) <= INT64_MAX if isinstance(value, int) else math.isfinite(value)

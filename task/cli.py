@@ -107,6 +107,13 @@ def run_federation(argv: list[str]) -> int:
     folder = output_folder(values, cwd)
     if not values.get("output-dir") and not values.get("resume-from"):
         values["output-dir"] = str(folder)
+    from server_app.outputs import check_output_dir
+
+    try:  # before this writes the run config there: the ServerApp would refuse the folder later
+        check_output_dir(folder.resolve(), parse_run_config(values))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     folder.mkdir(parents=True, exist_ok=True)
     config_file = folder / RUN_CONFIG_FILE
     import tomli_w

@@ -29,6 +29,9 @@ PartitionerName = Literal["iid", "dirichlet", "pathological", "natural-id"]
 ModelName = Literal["logreg", "mlp", "cnn"]
 
 
+# A wider layer takes memory and time no federation here needs (65536 x 65536 floats: 16 GiB).
+MAX_HIDDEN_WIDTH = 65536
+
 # TOML gives true ints; strictness keeps `true` or 2.5 from passing as a count.
 Count = Annotated[int, Strict()]
 
@@ -100,7 +103,10 @@ class RunConfig(BaseModel):
         "(0: none, every example trains and clients send no evaluation metrics)",
     )
     model: ModelName = Field("mlp", description="network (`cnn` needs image inputs)")
-    mlp_hidden: str = Field("200,100", description="MLP hidden widths, comma-separated positive ints")
+    mlp_hidden: str = Field(
+        "200,100",
+        description=f"MLP hidden widths, comma-separated positive ints (each <= {MAX_HIDDEN_WIDTH})",
+    )
     activation: Literal["relu", "sigmoid", "tanh"] = Field("relu", description="hidden activation")
     local_epochs: Count = Field(5, ge=1, description="epochs per round on each client")
     batch_size: Count = Field(32, ge=1, description="client minibatch size")
@@ -142,7 +148,7 @@ class RunConfig(BaseModel):
         description="BayesADMM: diagonal Gaussians, or unit covariance (classic federated ADMM)",
     )
     eval_mc_samples: Count = Field(
-        32, ge=1, description="BayesADMM: weight draws for Bayesian model averaging"
+        32, ge=1, le=1024, description="BayesADMM: weight draws for Bayesian model averaging"
     )
     # BayesADMM: bounds on what one reply can do to the posterior (docs/ALGORITHMS.md,
     # "Bounding a BayesADMM reply"); a clipped reply's dual increment is not accepted.
@@ -219,7 +225,10 @@ class RunConfig(BaseModel):
         description="seconds to wait for replies in a round (late replies are dropped)",
     )
     seed: Count = Field(
-        0, ge=0, description="seeds data splits, model init, sampling and local training"
+        0,
+        ge=0,
+        lt=2**32,
+        description="seeds data splits, model init, sampling and local training",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="`auto` uses CUDA when present"
@@ -227,6 +236,11 @@ class RunConfig(BaseModel):
     output_dir: str = Field(
         "",
         description="where outputs go; empty: a fresh `outputs/<timestamp>-<strategy>` folder",
+    )
+    overwrite: bool = Field(
+        False,
+        description="let `output-dir` be a folder that holds files (an earlier run's artifacts "
+        "are deleted first); without it such a folder is refused",
     )
     resume_from: str = Field(
         "",
@@ -240,6 +254,8 @@ class RunConfig(BaseModel):
         parts = [p.strip() for p in value.split(",") if p.strip()]
         if not parts or not all(p.isdecimal() and p.isascii() and int(p) > 0 for p in parts):
             raise ValueError("must be a comma-separated list of positive integers, e.g. '200,100'")
+        if max(int(p) for p in parts) > MAX_HIDDEN_WIDTH:
+            raise ValueError(f"each width must be at most {MAX_HIDDEN_WIDTH}")
         return ",".join(parts)
 
     @model_validator(mode="after")

@@ -299,6 +299,43 @@ def partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> ArrayDa
     return dataset_to_arrays(fds.load_partition(partition_id, "train"))
 
 
+def check_partitions(cfg: RunConfig, spec: DataSpec, num_partitions: int) -> None:
+    """ConfigError, before round 1, if the partitioner cannot give each of `num_partitions`
+    nodes some data: otherwise every node fails every round and the run ends with all rounds
+    skipped. The class count is checked for any data set; an offline pool is split here
+    (a fraction of a second) to see every partition's size. With no node connected yet (a
+    deployment starting), only the class count is checked.
+    """
+    if cfg.partitioner == "pathological" and cfg.classes_per_client > spec.num_classes:
+        raise ConfigError(
+            f"run config: classes-per-client = {cfg.classes_per_client} but '{cfg.dataset}' has "
+            f"{spec.num_classes} classes"
+        )
+    if cfg.dataset not in OFFLINE_SOURCES or num_partitions < 1:
+        return
+    import warnings
+
+    pool, _ = _offline_split(cfg)
+    where = f"partitioner '{cfg.partitioner}' over {num_partitions} nodes ({len(pool)} training rows)"
+    if num_partitions > len(pool):
+        raise ConfigError(f"run config: {where} leaves partitions empty: more nodes than rows")
+    if cfg.partitioner == "iid":  # sizes differ by at most one: none is empty
+        return
+    # Dirichlet splits every partition at the first load, each of min_partition_size rows or
+    # more, or raises; pathological can leave one empty: its sizes are all looked at.
+    ids = range(num_partitions) if cfg.partitioner == "pathological" else range(1)
+    try:
+        with warnings.catch_warnings():  # the partitioner warns on each failed attempt
+            warnings.simplefilter("ignore")
+            partitioner = _offline_partitioner(cfg, num_partitions)
+            sizes = [len(partitioner.load_partition(i)) for i in ids]
+    except ValueError as err:
+        _offline_partitioner.cache_clear()
+        raise ConfigError(f"run config: {where} fails: {' '.join(str(err).split())}") from None
+    if empty := [i for i, size in enumerate(sizes) if size == 0]:
+        raise ConfigError(f"run config: {where} leaves partition(s) {empty[:10]} empty")
+
+
 def _check_partition_id(partition_id: int, num_partitions: int) -> None:
     if not 0 <= partition_id < num_partitions:
         raise ConfigError(
@@ -322,7 +359,7 @@ def load_local_data(path: str | Path) -> ArrayData:
         missing = {"x", "y"} - set(arrays)
         if missing:
             raise ConfigError(f"data-path '{path}' lacks array(s) {sorted(missing)}")
-        return _as_array_data(arrays["x"], arrays["y"])
+        return _all_finite(_as_array_data(arrays["x"], arrays["y"]), path)
     from datasets import DatasetDict, load_from_disk
 
     try:
@@ -331,7 +368,19 @@ def load_local_data(path: str | Path) -> ArrayData:
         raise ConfigError(f"data-path '{path}' is not a datasets.save_to_disk folder") from err
     if isinstance(loaded, DatasetDict):
         loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
-    return dataset_to_arrays(loaded)
+    return _all_finite(dataset_to_arrays(loaded), path)
+
+
+def _all_finite(data: ArrayData, path: Path) -> ArrayData:
+    """The data, if its inputs are all finite: a NaN input would make the node's model
+    non-finite and its replies be rejected for that, blaming the model, not the file."""
+    bad = int(data.x.size - np.count_nonzero(np.isfinite(data.x)))
+    if bad:
+        rows = int((~np.isfinite(data.x.reshape(len(data), -1))).any(axis=1).sum())
+        raise ConfigError(
+            f"data-path '{path}': {bad} input value(s) in {rows} row(s) are NaN or infinite"
+        )
+    return data
 
 
 def node_train_data(

@@ -45,10 +45,33 @@ def decode_array(array: Array) -> np.ndarray:
             dtype, shape, count = layout
             if len(data) == end + count * dtype.itemsize:
                 return np.frombuffer(data, dtype, count, end).reshape(shape).copy()
+    _check_declared_size(data)
     try:  # anything unusual: numpy's own reader, and its verdict
         return array.numpy()
     except Exception as error:
         raise ValueError(f"not a readable numpy array ({type(error).__name__}: {error})") from error
+
+
+def _check_declared_size(data: bytes) -> None:
+    """ValueError if a .npy header declares more bytes than follow it.
+
+    numpy's reader allocates the declared shape before it reads the data: a header claiming
+    100 GB in front of 400 bytes would take the memory first and fail after.
+    """
+    stream = io.BytesIO(data)
+    try:
+        if np.lib.format.read_magic(stream) == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:  # 2.0 and 3.0 differ only in the header's length field and its text encoding
+            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    except Exception:
+        return  # not a header numpy can read: its own reader names the problem
+    needed = math.prod(shape) * dtype.itemsize
+    if needed > len(data) - stream.tell():
+        raise ValueError(
+            f"not a readable numpy array (header declares shape {shape} of {dtype}, "
+            f"{needed} bytes, but {len(data) - stream.tell()} bytes follow)"
+        )
 
 
 @functools.lru_cache(maxsize=256)

@@ -33,6 +33,8 @@ from task.models import build_model, resolve_device
 from task.params import load_record, numpy_to_record
 
 MODEL_CARD, MODEL, POSTERIOR = "model.json", "model.npz", "posterior.npz"
+# Every .npz a run writes names the run (model.json's run-id): prediction refuses to mix runs.
+RUN_ID_KEY = "__run_id__"
 KNOWN_FORMAT = 1
 
 
@@ -54,7 +56,9 @@ class Prediction:
 
 
 def load_global_model(run_dir: str | Path) -> GlobalModel:
-    """The final model of the run in `run_dir`, from its files alone."""
+    """The final model of the run in `run_dir`, from its files alone, checked: keys and shapes
+    that fit the recorded network, finite values, positive precisions, and every artifact
+    written by one run (the same run id). Any problem is a ConfigError of one line."""
     run_dir = Path(run_dir)
     card_path = run_dir / MODEL_CARD
     if not card_path.exists():
@@ -63,24 +67,96 @@ def load_global_model(run_dir: str | Path) -> GlobalModel:
         )
     try:
         card = json.loads(card_path.read_text())
+        if not isinstance(card, dict):
+            raise TypeError(f"a JSON {type(card).__name__}, not an object")
         if card.get("format") != KNOWN_FORMAT:
             raise ConfigError(f"{card_path} has format {card.get('format')!r}, not {KNOWN_FORMAT}")
         cfg = parse_run_config(card["architecture"])
-        spec = DataSpec(tuple(card["input-shape"]), int(card["num-classes"]))
+        shape, classes = card["input-shape"], card["num-classes"]
+        if not (isinstance(shape, list) and shape and all(_positive_int(n) for n in shape)):
+            raise TypeError(f"input-shape {shape!r} is not a list of positive integers")
+        if not _positive_int(classes):
+            raise TypeError(f"num-classes {classes!r} is not a positive integer")
+        spec = DataSpec(tuple(shape), classes)
         preprocessing, names = card["preprocessing"], card["class-names"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ConfigError(f"{card_path} is not a readable model card: {err!r}") from None
+        if not isinstance(preprocessing, dict) or not isinstance(
+            preprocessing.get("uint8-divisor"), (int, float)
+        ):
+            raise TypeError(f"preprocessing {preprocessing!r} has no numeric uint8-divisor")
+        # build_model can fail on a card naming an impossible network (e.g. a cnn on 1-D inputs)
+        like = {k: v.shape for k, v in build_model(cfg, spec).state_dict().items()}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
+            RuntimeError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{card_path} is not a readable model card: {_one_line(err)}") from None
+    run_id = card.get("run-id")
     posterior = run_dir / POSTERIOR
     if posterior.exists():
-        with np.load(posterior) as npz:
-            mean = {k.removeprefix("mean/"): npz[k] for k in npz.files if k.startswith("mean/")}
-            precision = {
-                k.removeprefix("precision/"): npz[k] for k in npz.files if k.startswith("precision/")
-            }
+        arrays = _load_artifact(posterior, run_id)
+        mean = {k.removeprefix("mean/"): v for k, v in arrays.items() if k.startswith("mean/")}
+        precision = {
+            k.removeprefix("precision/"): v for k, v in arrays.items() if k.startswith("precision/")
+        }
+        if extra := sorted(k for k in arrays if not k.startswith(("mean/", "precision/"))):
+            raise ConfigError(f"{posterior} has arrays {extra} that are neither mean/ nor precision/")
+        _check_weights(posterior, "mean", mean, like)
+        _check_weights(posterior, "precision", precision, like)
+        if (bad := next((k for k, v in precision.items() if not (v > 0).all()), None)) is not None:
+            raise ConfigError(f"{posterior}: precision/{bad} has values <= 0 (a precision is positive)")
+        if (run_dir / MODEL).exists():
+            _load_artifact(run_dir / MODEL, run_id)  # from the same run, or refused
         return GlobalModel(cfg, spec, mean, precision, names, preprocessing)
-    with np.load(run_dir / MODEL) as npz:
-        mean = {k: npz[k] for k in npz.files}
+    if not (run_dir / MODEL).exists():
+        raise ConfigError(f"{run_dir} has {MODEL_CARD} but neither {MODEL} nor {POSTERIOR}")
+    mean = _load_artifact(run_dir / MODEL, run_id)
+    _check_weights(run_dir / MODEL, "", mean, like)
     return GlobalModel(cfg, spec, mean, None, names, preprocessing)
+
+
+def _load_artifact(path: Path, run_id: str | None) -> dict[str, np.ndarray]:
+    """The arrays of a run's .npz, without its run id, which must be `run_id` (model.json's)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as err:  # zipfile, zlib, numpy's header parser: each has its own errors
+        raise ConfigError(f"{path} is not a readable .npz: {_one_line(err)}") from None
+    found = arrays.pop(RUN_ID_KEY, None)
+    found = None if found is None else str(found)
+    if found != run_id:
+        raise ConfigError(
+            f"{path} is from run {found!r} but {MODEL_CARD} from run {run_id!r}: the folder mixes "
+            "two runs' files"
+        )
+    return arrays
+
+
+def _check_weights(
+    path: Path, group: str, arrays: dict[str, np.ndarray], like: dict[str, tuple[int, ...]]
+) -> None:
+    name = f"{group}/" if group else ""
+    if set(arrays) != set(like):
+        raise ConfigError(
+            f"{path}: {group or 'weight'} arrays {sorted(arrays)} do not match the network's "
+            f"{sorted(like)}"
+        )
+    for key, shape in like.items():
+        array = arrays[key]
+        if tuple(array.shape) != tuple(shape) or array.dtype.kind != "f":
+            raise ConfigError(
+                f"{path}: {name}{key} is {array.dtype} {tuple(array.shape)}, the network needs "
+                f"float {tuple(shape)}"
+            )
+        if not np.isfinite(array).all():
+            raise ConfigError(f"{path}: {name}{key} has non-finite values")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())
 
 
 def prepare(model: GlobalModel, x: np.ndarray) -> np.ndarray:
@@ -182,7 +258,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(warning, file=sys.stderr)
         result = predict(model, x, args.samples, args.seed)
     except (ConfigError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except Exception as err:  # anything else a broken file can raise: still one line, no traceback
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     kind = f"BMA over {args.samples} draws" if model.precision is not None else "point estimate"
     print(f"{len(result.probs)} inputs, {kind}; mean predictive entropy {result.entropy.mean():.4f}")

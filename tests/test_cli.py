@@ -175,3 +175,13 @@ def test_console_federation_and_certs_call_the_project_scripts(tmp_path):
     done = _bayesfl("certs", "--out", str(tmp_path / "certs"), "--san", "superlink.example.org")
     assert done.returncode == 0, done.stderr
     assert {"ca.crt", "server.pem", "server.key"} <= {p.name for p in (tmp_path / "certs").iterdir()}
+
+
+def test_run_refuses_a_folder_that_holds_files_before_writing_there(tmp_path, monkeypatch, capsys):
+    seen = _fake_flwr(monkeypatch, lambda folder: pytest.fail("flwr run started"))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    assert cli.main(["run", "--run-config", f"output-dir='{out}'"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: output-dir: {out} already holds 1 file(s)")
+    assert not seen and sorted(p.name for p in out.iterdir()) == ["results.json"]

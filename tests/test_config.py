@@ -55,6 +55,9 @@ GOOD = [
     pytest.param({"min-train-nodes": 1}, {"min_train_nodes": 1}, id="min-train-nodes=1"),
     pytest.param({"classes-per-client": 1}, {"classes_per_client": 1}, id="classes-per-client=1"),
     pytest.param({"seed": 0}, {"seed": 0}, id="seed=0"),
+    pytest.param({"seed": 2**32 - 1}, {"seed": 2**32 - 1}, id="seed-max"),
+    pytest.param({"eval-mc-samples": 1024}, {"eval_mc_samples": 1024}, id="eval-mc-samples-max"),
+    pytest.param({"mlp-hidden": "65536"}, {"mlp_hidden": "65536"}, id="mlp-widest"),
     pytest.param({"weight-decay": 0.0}, {"weight_decay": 0.0}, id="weight-decay=0"),
     pytest.param({"synthetic-alpha": 0, "synthetic-beta": 0},
                  {"synthetic_alpha": 0.0, "synthetic_beta": 0.0}, id="synthetic-0-0"),
@@ -142,6 +145,12 @@ BAD = [
     pytest.param({"mlp-hidden": "-5,10"}, "mlp-hidden",
                  ["= '-5,10' ", "comma-separated list of positive integers"], id="mlp='-5,10'"),
     pytest.param({"mlp-hidden": 200}, "mlp-hidden", ["= 200 ", "valid string"], id="mlp=int"),
+    # upper bounds where a value would exhaust memory or time
+    pytest.param({"mlp-hidden": "200,65537"}, "mlp-hidden", ["= '200,65537' ", "at most 65536"],
+                 id="mlp-too-wide"),
+    pytest.param({"eval-mc-samples": 1025}, "eval-mc-samples", ["= 1025 ", "less than or equal to 1024"],
+                 id="eval-mc-samples>1024"),
+    pytest.param({"seed": 2**32}, "seed", [f"= {2**32} ", "less than 4294967296"], id="seed=2**32"),
 ]
 
 

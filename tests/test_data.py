@@ -716,3 +716,51 @@ def test_partition_cache_keys_on_every_setting_and_rebuilds_a_bad_file(tmp_path)
         assert np.array_equal(npz["y"], rebuilt.y)
     with pytest.raises(ConfigError, match="outside"):
         D.node_train_data(cfg, {"partition-id": 3, "num-partitions": 3}, tmp_path)
+
+
+# ----------------------------------------------------------------------------- feasibility and finiteness
+
+
+def test_a_dirichlet_alpha_that_cannot_fill_every_partition_fails_in_one_line():
+    cfg = parse_run_config({"dirichlet-alpha": 1e-9})
+    message = _config_error(D.check_partitions, cfg, D.data_spec(cfg), 20)
+    assert message.startswith("run config: partitioner 'dirichlet' over 20 nodes (1437 training rows) fails: ")
+    assert "\n" not in message
+
+
+def test_more_classes_per_client_than_classes_fails_in_one_line():
+    cfg = parse_run_config({"partitioner": "pathological", "classes-per-client": 11})
+    assert _config_error(D.check_partitions, cfg, D.data_spec(cfg), 4) == (
+        "run config: classes-per-client = 11 but 'digits' has 10 classes")
+    # known from the class count alone, before any node connects
+    assert "classes-per-client = 11" in _config_error(D.check_partitions, cfg, D.data_spec(cfg), 0)
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "pathological", "dirichlet"])
+def test_more_nodes_than_rows_fail_in_one_line(partitioner):
+    cfg = parse_run_config({"partitioner": partitioner})
+    assert _config_error(D.check_partitions, cfg, D.data_spec(cfg), 2000) == (
+        f"run config: partitioner '{partitioner}' over 2000 nodes (1437 training rows) leaves "
+        "partitions empty: more nodes than rows")
+
+
+def test_feasible_partitions_pass():
+    cfg = parse_run_config({})
+    D.check_partitions(cfg, D.data_spec(cfg), 10)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_inputs_in_node_data_name_the_file(tmp_path, bad):
+    path = tmp_path / "site.npz"
+    x = np.zeros((4, 64), np.float32)
+    x[1, 3] = x[2, 5] = bad
+    np.savez(path, x=x, y=np.arange(4))
+    assert _config_error(_node, path) == (
+        f"data-path '{path}': 2 input value(s) in 2 row(s) are NaN or infinite")
+
+
+def test_non_finite_inputs_in_a_saved_dataset_name_the_folder(tmp_path):
+    path = tmp_path / "site"
+    Dataset.from_dict({"x": [[0.0, 1.0], [float("nan"), 0.0]], "label": [0, 1]}).save_to_disk(str(path))
+    assert _config_error(_node, path) == (
+        f"data-path '{path}': 1 input value(s) in 1 row(s) are NaN or infinite")

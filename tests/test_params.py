@@ -157,3 +157,29 @@ def test_flatten_and_unflatten_round_trip_numpy_arrays_with_their_dtypes() -> No
         unflatten(flat[:-1], like)
     with pytest.raises(ValueError):
         split_flat(flat.reshape(7, 1), [(7,)])
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+def test_a_header_declaring_more_than_its_bytes_is_refused_before_allocating(version):
+    """A header claiming 100 GB in front of 400 bytes: rejected without taking the memory."""
+    import tracemalloc
+
+    buffer = io.BytesIO()
+    header = {"descr": "<f4", "fortran_order": False, "shape": (25_000_000_000,)}
+    write = {(1, 0): np.lib.format.write_array_header_1_0,
+             (2, 0): np.lib.format.write_array_header_2_0}
+    if version in write:
+        write[version](buffer, header)
+    else:  # format 3.0: the 2.0 layout with a utf-8 header and version bytes 3, 0
+        np.lib.format.write_array_header_2_0(buffer, header)
+        buffer = io.BytesIO(b"\x93NUMPY\x03\x00" + buffer.getvalue()[8:])
+    data = buffer.getvalue() + bytes(400)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="header declares shape .* but 400 bytes follow"):
+            decode_array(Array(dtype="float32", shape=(25_000_000_000,), stype="numpy.ndarray",
+                               data=data))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10_000_000

@@ -91,7 +91,8 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, strategy, caplog):
     for key in ("accuracy", "nll", "ece", "sampled", "replies"):
         assert [r[key] for r in a["rounds"]] == [r[key] for r in b["rounds"]], key
     with np.load(tmp_path / "whole" / "model.npz") as x, np.load(tmp_path / "broken" / "model.npz") as y:
-        for k in x.files:
+        assert x.files == y.files
+        for k in set(x.files) - {"__run_id__"}:  # two runs, two ids
             np.testing.assert_array_equal(x[k], y[k])
 
 
@@ -214,3 +215,109 @@ def test_a_stopped_flwr_simulation_resumes_with_every_nodes_duals(tmp_path):
     continued = [r for r in results["rounds"] if r["round"] > results["resumed_at_round"][0]]
     assert all(r["failed"] == 0 and r["replies"] == 4 for r in continued), continued
     assert not (out / "client-state").exists()  # the nodes deleted their state at the end
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+@pytest.fixture(scope="module")
+def finished_checkpoint(tmp_path_factory):
+    """A one-round FedAvg run (server momentum, so the strategy state has arrays of its own)."""
+    _set_task_identity()
+    folder = tmp_path_factory.mktemp("ckpt") / "old"
+    cfg = _cfg(folder.parent, **{"output-dir": str(folder), "num-server-rounds": 1,
+                                 "server-momentum": 0.5})
+    run(InProcessGrid(cfg.to_dict(), 2), cfg)
+    with np.load(folder / CHECKPOINT) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _meta(arrays, **changes):
+    meta = json.loads(str(arrays["__meta__"]))
+    for key, value in changes.items():
+        if value is DELETE:
+            del meta[key]
+        else:
+            meta[key] = value
+    return {**arrays, "__meta__": np.array(json.dumps(meta))}
+
+
+DELETE = object()
+
+
+def _with_config(arrays, **changes):
+    meta = json.loads(str(arrays["__meta__"]))
+    for key, value in changes.items():
+        if value is DELETE:
+            del meta["config"][key]
+        else:
+            meta["config"][key] = value
+    return {**arrays, "__meta__": np.array(json.dumps(meta))}
+
+
+def _reshaped(arrays, prefix):
+    key = next(k for k in arrays if k.startswith(prefix))
+    return {**arrays, key: np.zeros(arrays[key].size + 1, arrays[key].dtype)}
+
+
+DAMAGED = [
+    pytest.param(lambda a: None, "not a readable checkpoint", id="empty-file"),
+    pytest.param(lambda a: _meta(a, round=DELETE), "its metadata lacks 'round'", id="no-round"),
+    pytest.param(lambda a: _meta(a, state_key=DELETE), "its metadata lacks 'state_key'", id="no-state-key"),
+    pytest.param(lambda a: _meta(a, round="1"), "metadata 'round' = '1' is not an integer", id="round-str"),
+    pytest.param(lambda a: _meta(a, round=True), "metadata 'round' = True is not an integer", id="round-bool"),
+    pytest.param(lambda a: _meta(a, config=[]), "metadata 'config' = [] is not an object", id="config-list"),
+    pytest.param(lambda a: _meta(a, round=-3), "round = -3 is negative", id="round=-3"),
+    pytest.param(lambda a: {**a, "__meta__": np.array("[1, 2]")}, "its metadata is a list", id="meta-list"),
+    pytest.param(lambda a: _reshaped(a, "global/"), "this run needs float32", id="global-shape"),
+    pytest.param(lambda a: _reshaped(a, "strategy/params/"), "this run needs float32", id="strategy-shape"),
+    pytest.param(lambda a: {k: v for k, v in a.items() if k != "strategy/params/0"},
+                 "strategy arrays do not fit this run (missing ['params/0']", id="strategy-key-missing"),
+    pytest.param(lambda a: {**a, "global/extra": np.zeros(2, np.float32)},
+                 "global arrays do not fit this run (missing [], unexpected ['extra'])", id="global-key-extra"),
+    pytest.param(lambda a: {k: (v.astype(np.float64) if k.startswith("global/") else v) for k, v in a.items()},
+                 "is float64", id="global-dtype"),
+    pytest.param(lambda a: {k: (v * np.nan if k.startswith("global/") else v) for k, v in a.items()},
+                 "has non-finite values", id="global-nan"),
+    pytest.param(lambda a: _meta(a, strategy={}), "strategy state does not fit (KeyError: 'rng')",
+                 id="strategy-meta-missing"),
+    pytest.param(lambda a: _with_config(a, **{"no-such-key": 1}),
+                 "the checkpoint's config has key 'no-such-key' this version does not know",
+                 id="config-unknown-key"),
+    pytest.param(lambda a: _with_config(a, lr=DELETE), "'lr' = 0.5 but the checkpoint predates the key",
+                 id="config-key-missing"),
+]
+
+
+@pytest.mark.parametrize(("damage", "message"), DAMAGED)
+def test_a_damaged_checkpoint_is_one_line_before_anything_is_written(tmp_path, finished_checkpoint,
+                                                                     damage, message):
+    _set_task_identity()
+    old = tmp_path / "old"
+    old.mkdir()
+    arrays = damage(finished_checkpoint)
+    if arrays is None:
+        (old / CHECKPOINT).write_bytes(b"")
+    else:
+        np.savez(old / CHECKPOINT, **arrays)
+    overrides = {"resume-from": str(old), "server-momentum": 0.5}
+    if "lr" in message:
+        overrides["lr"] = 0.5
+    cfg = _cfg(tmp_path, **overrides)
+    with pytest.raises(ConfigError) as info:
+        run(InProcessGrid(cfg.to_dict(), 2), cfg)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert str(info.value).startswith("resume-from: ")
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_undamaged_checkpoint_resumes(tmp_path, finished_checkpoint):
+    _set_task_identity()
+    (tmp_path / "old").mkdir()
+    np.savez(tmp_path / "old" / CHECKPOINT, **finished_checkpoint)
+    cfg = _cfg(tmp_path, **{"resume-from": str(tmp_path / "old"), "server-momentum": 0.5,
+                            "num-server-rounds": 2})
+    run(InProcessGrid(cfg.to_dict(), 2), cfg)
+    results = json.loads((tmp_path / "new" / "results.json").read_text())
+    assert results["status"] == "completed" and results["resumed_at_round"] == [1]
+    assert results["run_id"] == str(finished_checkpoint["__run_id__"])  # the run id carries over
