@@ -29,8 +29,8 @@ from task.params import flatten, numpy_to_record, unflatten
 def round_lr(round_: ClientRound) -> float:
     cfg = round_.cfg
     if not cfg.cosine_lr:
-        return cfg.lr
-    return cosine_lr(cfg.lr, round_.server_round - 1, cfg.num_server_rounds)
+        return cfg.local_lr
+    return cosine_lr(cfg.local_lr, round_.server_round - 1, cfg.num_server_rounds)
 
 
 def committed_duals(saved: dict[str, np.ndarray], accepted_round: int, size: int):

@@ -13,7 +13,7 @@ from task.params import model_to_record
 
 def train(round_: ClientRound) -> RecordDict:
     model = round_.model_at()
-    optimizer = build_optimizer(round_.cfg, model.parameters(), round_.cfg.lr, len(round_.train))
+    optimizer = build_optimizer(round_.cfg, model.parameters(), round_.cfg.local_lr, len(round_.train))
     loss = train_epochs(
         model, round_.train, optimizer, round_.cfg.local_epochs, round_.cfg.batch_size,
         round_.device, round_.seed,

@@ -7,6 +7,7 @@ what is allowed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -28,6 +29,24 @@ ModelName = Literal["logreg", "mlp", "cnn"]
 
 # TOML gives true ints; strictness keeps `true` or 2.5 from passing as a count.
 Count = Annotated[int, Strict()]
+# A key that may say "auto": the value then follows from the other keys (see RunConfig's
+# `local_lr` and `local_beta2`). Flower's run config cannot hold None, so a string stands for it.
+Auto = Literal["auto"]
+
+# `lr = "auto"`: each optimizer's own learning rate, found on digits (docs/BENCHMARKS.md,
+# "Defaults (no tuning)"). SGD and IVON need rates two orders of magnitude apart.
+AUTO_LR: dict[str, float] = {"sgd": 0.1, "ivon": 1e-3}
+# `beta2 = "auto"`: the share of its local curvature that IVON's Hessian average takes in during
+# one round of T steps, 1 - beta2^T (docs/ALGORITHMS.md, "Choosing beta2"). 1 - 0.998^40, the
+# value the digits sweeps chose (beta2 0.998 at T = 40 steps per round).
+AUTO_BETA2_SHARE = 1.0 - 0.998**40
+
+
+def auto_beta2(steps_per_round: int) -> float:
+    """The beta2 with 1 - beta2^T = AUTO_BETA2_SHARE for T = `steps_per_round` steps."""
+    if steps_per_round < 1:
+        raise ValueError(f"steps per round must be at least 1, got {steps_per_round}")
+    return (1.0 - AUTO_BETA2_SHARE) ** (1.0 / steps_per_round)
 
 
 class ConfigError(ValueError):
@@ -64,7 +83,8 @@ class RunConfig(BaseModel):
     activation: Literal["relu", "sigmoid", "tanh"] = "relu"
     local_epochs: Count = Field(5, ge=1)
     batch_size: Count = Field(32, ge=1)
-    lr: float = Field(0.1, gt=0)
+    # "auto": the optimizer's own default (AUTO_LR); a number sets it for either optimizer.
+    lr: Annotated[float, Field(gt=0)] | Auto = "auto"
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     server_lr: float = Field(1.0, gt=0)
@@ -76,16 +96,19 @@ class RunConfig(BaseModel):
     shrinkage_rho: float = Field(0.1, ge=0)
     # BayesADMM: client penalty rho, dual damping gamma, likelihood temperature tau, prior
     # precision delta, a cosine learning-rate schedule over rounds, and the posterior family.
-    rho: float = Field(0.2, gt=0)
-    dual_damping: float = Field(0.1, gt=0, le=1)
-    temperature: float = Field(1.0, gt=0)
+    # Defaults from the digits sweeps (docs/BENCHMARKS.md); the temperature also sets IVON's
+    # ess = N / tau under FedAvg and FedPA (tau = 1 puts IVON at chance on ~100 examples).
+    rho: float = Field(0.5, gt=0)
+    dual_damping: float = Field(1e-3, gt=0, le=1)
+    temperature: float = Field(1e-3, gt=0)
     prior_precision: float = Field(1.0, gt=0)
     cosine_lr: bool = True
     posterior: Literal["diagonal", "isotropic"] = "diagonal"
     eval_mc_samples: Count = Field(32, ge=1)
-    # IVON (optimizer = "ivon", and the BayesADMM client).
-    hess_init: float = Field(0.1, gt=0)
-    beta2: float = Field(0.9998, gt=0, le=1)
+    # IVON (optimizer = "ivon", and the BayesADMM client). beta2 "auto": from the client's
+    # steps per round (auto_beta2).
+    hess_init: float = Field(1e-3, gt=0)
+    beta2: Annotated[float, Field(gt=0, le=1)] | Auto = "auto"
     mc_samples: Count = Field(1, ge=1)
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
@@ -116,6 +139,21 @@ class RunConfig(BaseModel):
                 f"'{needed}', got '{self.optimizer}'"
             )
         return self
+
+    @property
+    def local_lr(self) -> float:
+        """The local optimizer's learning rate: `lr`, or the optimizer's own if "auto"."""
+        return AUTO_LR[self.optimizer] if self.lr == "auto" else self.lr
+
+    def steps_per_round(self, num_examples: int) -> int:
+        """Local optimizer steps in one round on `num_examples` training examples."""
+        return self.local_epochs * math.ceil(num_examples / self.batch_size)
+
+    def local_beta2(self, num_examples: int) -> float:
+        """IVON's beta2 on a client with `num_examples`: `beta2`, or auto_beta2 if "auto"."""
+        if self.beta2 == "auto":
+            return auto_beta2(self.steps_per_round(num_examples))
+        return self.beta2
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
