@@ -21,7 +21,7 @@ from client_app.local import ClientRound
 from client_app.optimizers import build_optimizer
 from client_app.training import train_epochs
 from strategies import records
-from strategies.bayes_admm import client_dual_increment, cosine_lr
+from strategies.bayes_admm import client_dual_increment, cosine_lr, debiased_client_precision
 from task.ivon_admm import IVONADMM
 from task.params import flatten, numpy_to_record, unflatten
 
@@ -74,8 +74,14 @@ def train(round_: ClientRound) -> RecordDict:
         if not at_prior:  # start from the global posterior; in round 0 IVON starts at hess-init
             optimizer.set_posterior(global_mean, global_precision)
         optimizer.set_duals(dual_mean, dual_precision, num_examples, cfg.temperature)
+        start_precision = optimizer.get_posterior()[1].detach().cpu().double().numpy()
+        start_step = optimizer.current_step
         loss = _train(round_, model, optimizer)
-        mean, precision = (t.detach().cpu().double().numpy() for t in optimizer.get_posterior())
+        mean, end_precision = (t.detach().cpu().double().numpy() for t in optimizer.get_posterior())
+        decay = optimizer.param_groups[0]["beta2"] ** (optimizer.current_step - start_step)
+        precision = debiased_client_precision(
+            global_precision, start_precision, end_precision, decay
+        )
         optimizer_state = {
             "momentum": optimizer.param_groups[0]["momentum"].cpu().numpy(),
             "step": np.int64(optimizer.current_step),
