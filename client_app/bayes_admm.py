@@ -21,7 +21,7 @@ from client_app.local import ClientRound
 from client_app.optimizers import build_optimizer
 from client_app.training import train_epochs
 from strategies import records
-from strategies.bayes_admm import client_dual_increment, cosine_lr, debiased_client_precision
+from strategies.bayes_admm import client_dual_increment, cosine_lr
 from task.ivon_admm import IVONADMM
 from task.params import flatten, numpy_to_record, unflatten
 
@@ -64,7 +64,7 @@ def train(round_: ClientRound) -> RecordDict:
     lr = round_lr(round_)
 
     if cfg.posterior == "diagonal":
-        optimizer = build_optimizer(cfg, params, lr, num_examples, rho=cfg.rho)
+        optimizer = build_optimizer(cfg, params, lr, num_examples, rho=cfg.admm_rho)
         if not isinstance(optimizer, IVONADMM):  # RunConfig rejects this combination
             raise TypeError("the diagonal BayesADMM client needs optimizer 'ivon'")
         if "momentum" in saved:
@@ -74,14 +74,8 @@ def train(round_: ClientRound) -> RecordDict:
         if not at_prior:  # start from the global posterior; in round 0 IVON starts at hess-init
             optimizer.set_posterior(global_mean, global_precision)
         optimizer.set_duals(dual_mean, dual_precision, num_examples, cfg.temperature)
-        start_precision = optimizer.get_posterior()[1].detach().cpu().double().numpy()
-        start_step = optimizer.current_step
         loss = _train(round_, model, optimizer)
-        mean, end_precision = (t.detach().cpu().double().numpy() for t in optimizer.get_posterior())
-        decay = optimizer.param_groups[0]["beta2"] ** (optimizer.current_step - start_step)
-        precision = debiased_client_precision(
-            global_precision, start_precision, end_precision, decay
-        )
+        mean, precision = (t.detach().cpu().double().numpy() for t in optimizer.get_posterior())
         optimizer_state = {
             "momentum": optimizer.param_groups[0]["momentum"].cpu().numpy(),
             "step": np.int64(optimizer.current_step),
@@ -94,7 +88,7 @@ def train(round_: ClientRound) -> RecordDict:
 
         def admm_terms() -> torch.Tensor:
             x = torch.cat([p.reshape(-1) for p in params])
-            return scale * (-(dual @ x) + 0.5 * cfg.rho * (x - anchor).square().sum())
+            return scale * (-(dual @ x) + 0.5 * cfg.admm_rho * (x - anchor).square().sum())
 
         loss = _train(round_, model, optimizer, admm_terms)
         mean = flatten_params(params).cpu().double().numpy()
@@ -103,7 +97,7 @@ def train(round_: ClientRound) -> RecordDict:
         optimizer_state = {}
 
     increment = client_dual_increment(
-        global_mean, global_precision, mean, precision, cfg.rho, cfg.dual_damping
+        global_mean, global_precision, mean, precision, cfg.admm_rho, cfg.dual_damping
     )
     round_.state.save(
         {

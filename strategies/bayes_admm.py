@@ -48,31 +48,6 @@ def client_dual_increment(
     return dual_mean_increment, dual_precision_increment
 
 
-def debiased_client_precision(prior_precision, start_precision, end_precision, decay: float):
-    """The client's posterior precision S_k with IVON's Hessian average bias-corrected.
-
-    IVON's curvature average h (precision S = P + ess h over the prior's P = ess wd) is an
-    exponential average with weight beta2 per step; over the round's T steps it moves from its
-    start h_0 to h_T = d h_0 + (1 - d) h_bar, d = `decay` = beta2^T, with h_bar the average curvature
-    the client's data showed. Every round h restarts at 0 (prior := posterior := the global), so
-    S_k = ess (h_T + wd) counts only (1 - d) of that curvature and the global precision settles at
-    about (1 - d) times the data's (docs/ALGORITHMS.md, "The scale of the global precision"). As
-    Adam corrects its second moment, this returns P + c, c = (C_T - d C_0) / (1 - d), C = S - P:
-    the curvature h_bar itself, in precision units. A negative c (noisy curvature estimates) is
-    not magnified below min(C_T, 0), so the result stays above min(S_T, P) > 0.
-    `decay` = 1 (beta2 = 1: h never moves) returns `end_precision` unchanged.
-    """
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"decay must lie in [0, 1], got {decay}")
-    if decay == 1.0:
-        return end_precision
-    xp = _array_module(end_precision)
-    end_curvature = end_precision - prior_precision
-    data_curvature = (end_curvature - decay * (start_precision - prior_precision)) / (1.0 - decay)
-    floor = xp.minimum(end_curvature, xp.zeros_like(end_curvature))
-    return prior_precision + xp.maximum(data_curvature, floor)
-
-
 @dataclass(frozen=True)
 class DualSums:
     """sum_k v_k and sum_k V_k over all clients of the federation."""
@@ -257,7 +232,7 @@ class BayesADMM(FederatedStrategy):
             m = flatten(record_to_numpy(arrays[records.ARRAYS])).astype(np.float64)
             s = flatten(record_to_numpy(arrays[records.PRECISION])).astype(np.float64)
             increment = client_dual_increment(
-                received_mean, self.precision, m, s, self.cfg.rho, self.cfg.dual_damping
+                received_mean, self.precision, m, s, self.cfg.admm_rho, self.cfg.dual_damping
             )
             duals = accumulate_duals(duals, [increment])
             precision_sum = precision_sum + s
@@ -265,7 +240,7 @@ class BayesADMM(FederatedStrategy):
             del m, s, increment
         update = server_update_from_averages(
             precision_sum / len(valid), natural_mean_sum / len(valid), duals.mean, duals.precision,
-            self.cfg.rho, self.prior_precision, max(self.num_clients, len(valid)),
+            self.cfg.admm_rho, self.prior_precision, max(self.num_clients, len(valid)),
         )
         # Keep exactly what goes on the wire (the model's dtype), so that the server and the
         # clients compute the same dual increments from the global they share.

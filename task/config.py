@@ -36,6 +36,11 @@ Auto = Literal["auto"]
 # `lr = "auto"`: each optimizer's own learning rate, found on digits (docs/BENCHMARKS.md,
 # "Defaults (no tuning)"). SGD and IVON need rates two orders of magnitude apart.
 AUTO_LR: dict[str, float] = {"sgd": 0.1, "ivon": 1e-3}
+# `rho = "auto"`: BayesADMM's penalty per posterior family. The isotropic variant fixes every
+# precision to 1, so the server keeps alpha = 1 / (1 + K rho) of the unit prior N(0, I) in each
+# new mean: at rho 0.5 and K = 10 a sixth, which holds the network near 0 (61% on digits); at 10,
+# a 1/101 (docs/BENCHMARKS.md, "Defaults (no tuning)").
+AUTO_RHO: dict[str, float] = {"diagonal": 0.5, "isotropic": 10.0}
 # `beta2 = "auto"`: the share of its local curvature that IVON's Hessian average takes in during
 # one round of T steps, 1 - beta2^T (docs/ALGORITHMS.md, "Choosing beta2"). 1 - 0.998^40, the
 # value the digits sweeps chose (beta2 0.998 at T = 40 steps per round).
@@ -98,7 +103,7 @@ class RunConfig(BaseModel):
     # precision delta, a cosine learning-rate schedule over rounds, and the posterior family.
     # Defaults from the digits sweeps (docs/BENCHMARKS.md); the temperature also sets IVON's
     # ess = N / tau under FedAvg and FedPA (tau = 1 puts IVON at chance on ~100 examples).
-    rho: float = Field(0.5, gt=0)
+    rho: Annotated[float, Field(gt=0)] | Auto = "auto"
     dual_damping: float = Field(1e-3, gt=0, le=1)
     temperature: float = Field(1e-3, gt=0)
     prior_precision: float = Field(1.0, gt=0)
@@ -145,6 +150,11 @@ class RunConfig(BaseModel):
         """The local optimizer's learning rate: `lr`, or the optimizer's own if "auto"."""
         return AUTO_LR[self.optimizer] if self.lr == "auto" else self.lr
 
+    @property
+    def admm_rho(self) -> float:
+        """BayesADMM's penalty: `rho`, or the posterior family's own if "auto"."""
+        return AUTO_RHO[self.posterior] if self.rho == "auto" else self.rho
+
     def steps_per_round(self, num_examples: int) -> int:
         """Local optimizer steps in one round on `num_examples` training examples."""
         return self.local_epochs * math.ceil(num_examples / self.batch_size)
@@ -181,5 +191,10 @@ def _describe(err: ValidationError, raw: Mapping[str, Any]) -> str:
         known = ", ".join(sorted(RunConfig.model_json_schema(by_alias=True)["properties"]))
         return f"run config: unknown key '{key}' (= {value!r}); known keys: {known}"
     message = first["msg"].removeprefix("Value error, ")
-    more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
+    per_type = [e for e in err.errors() if e["loc"] and str(e["loc"][0]) == key]
+    if isinstance(value, str) and len(per_type) > 1:  # a number-or-"auto" key given a string
+        message = "must be a number or 'auto'"
+    # A key of several types ("auto" or a number) reports one error per type: count keys.
+    others = len({str(e["loc"][0]) if e["loc"] else "" for e in err.errors()} - {key})
+    more = f" (and {others} more problem(s))" if others else ""
     return f"run config: '{key}' = {value!r} is invalid: {message}{more}"

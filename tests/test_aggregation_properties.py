@@ -808,7 +808,7 @@ def test_strategy_uses_exactly_the_valid_replies(name, data):
         global_mean = np.zeros_like(before["mean"]) if at_prior else before["mean"]
         increments = [
             client_dual_increment(global_mean, before["precision"], flatten(r).astype(np.float64),
-                                  p.astype(np.float64), strategy.cfg.rho, strategy.cfg.dual_damping)
+                                  p.astype(np.float64), strategy.cfg.admm_rho, strategy.cfg.dual_damping)
             for r, p in zip(received, precisions)
         ]
         start = DualSums(before["dual-mean"], before["dual-precision"])

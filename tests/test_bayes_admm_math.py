@@ -23,7 +23,6 @@ from strategies.bayes_admm import (
     accumulate_duals,
     client_dual_increment,
     cosine_lr,
-    debiased_client_precision,
     server_update,
 )
 from task.ivon_admm import IVONADMM, effective_sample_size
@@ -286,80 +285,6 @@ def test_cosine_lr_schedule():
     assert math.isclose(cosine_lr(0.2, 9, 10), 0.1 * (1 + math.cos(math.pi * 0.9)))
     schedule = [cosine_lr(0.2, r, 10) for r in range(10)]
     assert all(later < earlier for earlier, later in zip(schedule, schedule[1:]))
-
-
-@pytest.mark.parametrize("as_torch", [False, True])
-def test_debiased_client_precision_undoes_the_exponential_average_exactly(as_torch):
-    # An exponential average that starts at C_0 and sees the curvature c for T steps with weight
-    # beta2 ends at d C_0 + (1 - d) c, d = beta2^T; the correction returns P + c exactly.
-    prior = np.array([2.0, 50.0, 1e3, 0.5])
-    start_curvature = np.array([0.0, 0.0, 7.0, 0.3])  # 0 after a broadcast, hess-init in round 1
-    curvature = np.array([10.0, 3e4, 2.0, 0.3])
-    beta2, steps = 0.998, 40
-    decay = beta2**steps
-    end_curvature = start_curvature
-    for _ in range(steps):  # the average itself, step by step
-        end_curvature = beta2 * end_curvature + (1 - beta2) * curvature
-    start, end = prior + start_curvature, prior + end_curvature
-    if as_torch:
-        prior, start, end = (torch.tensor(a) for a in (prior, start, end))
-    got = debiased_client_precision(prior, start, end, decay)
-    assert isinstance(got, torch.Tensor) == as_torch
-    np.testing.assert_allclose(np.asarray(got), np.asarray(prior) + curvature, rtol=1e-12)
-    # Without the correction the client reports only 1 - beta2^T = 7.7% of the curvature it saw.
-    np.testing.assert_allclose(
-        np.asarray(end - prior)[:2], (1 - decay) * curvature[:2], rtol=1e-12
-    )
-
-
-def test_debiased_client_precision_does_not_magnify_a_negative_curvature_estimate():
-    prior = np.array([4.0, 4.0, 4.0, 4.0])
-    start = np.array([4.0, 4.0, 10.0, 10.0])  # C_0 = 0 (a broadcast), 6 (hess-init in round 1)
-    end = np.array([3.0, 5.0, 5.0, 8.0])  # C_T = -1, +1, +1, +4
-    decay = 0.5
-    got = debiased_client_precision(prior, start, end, decay)
-    # c = (C_T - d C_0) / (1 - d) = -2, 2, -4, 2; floored at min(C_T, 0) = -1, 0, 0, 0
-    np.testing.assert_array_equal(got, [3.0, 6.0, 4.0, 6.0])
-    assert (got > 0).all()
-    # beta2 = 1: IVON's average never moves, there is nothing to correct.
-    np.testing.assert_array_equal(debiased_client_precision(prior, start, end, 1.0), end)
-    with pytest.raises(ValueError, match="decay"):
-        debiased_client_precision(prior, start, end, 1.5)
-
-
-def test_debiased_precision_of_an_ivon_round_counts_the_whole_curvature():
-    # No data term and a dual precision V: IVON's curvature estimate is exactly dp = tau V / N
-    # every step, so after one round from h = 0 (the broadcast) the client's precision should be
-    # S~ + V / rho (spec section 2). IVON's own average holds (1 - beta2^T) of it; the correction
-    # recovers it up to the O((1 - beta2)^2) term of IVON's Hessian update.
-    num_examples, temperature, rho, beta2, steps = 50, 1e-3, 0.5, 0.998, 40
-    ess = effective_sample_size(num_examples, temperature, rho)
-    global_mean, global_precision = np.array([0.3, -1.0]), np.array([100.0, 20.0])
-    dual_precision = np.array([5e3, 40.0])
-    theta = nn.Parameter(torch.zeros(2, dtype=torch.float64))
-    optimizer = IVONADMM([theta], lr=1e-3, ess=ess, hess_init=1e-3, beta2=beta2)
-    optimizer.set_prior(global_mean, global_precision)
-    optimizer.set_posterior(global_mean, global_precision)  # h = 0
-    optimizer.set_duals(np.zeros(2), dual_precision, num_examples, temperature)
-
-    def closure():
-        with optimizer.sampled_params(train=True):
-            optimizer.zero_grad()
-            loss = 0.0 * theta.sum()
-            loss.backward()
-        return loss
-
-    start = optimizer.get_posterior()[1].numpy()
-    for _ in range(steps):
-        optimizer.step(closure)
-    end = optimizer.get_posterior()[1].numpy()
-    decay = beta2**steps
-    expected = global_precision + dual_precision / rho
-    np.testing.assert_allclose(end, global_precision + (1 - decay) * dual_precision / rho, rtol=5e-2)
-    got = debiased_client_precision(global_precision, start, end, decay)
-    np.testing.assert_allclose(got, expected, rtol=5e-2)
-    # Uncorrected, the client would report under a tenth of the curvature it was shown.
-    assert np.all(end - global_precision < 0.1 * (expected - global_precision))
 
 
 def test_ivon_admm_clients_on_linear_regression_approach_the_pooled_posterior():
