@@ -29,8 +29,9 @@ ModelName = Literal["logreg", "mlp", "cnn"]
 
 # TOML gives true ints; strictness keeps `true` or 2.5 from passing as a count.
 Count = Annotated[int, Strict()]
-# A key that may say "auto": the value then follows from the other keys (see RunConfig's
-# `local_lr` and `local_beta2`). Flower's run config cannot hold None, so a string stands for it.
+# A key that may say "auto": the value then follows from the other keys, resolved in one place
+# (RunConfig's `local_lr`, `local_beta2`, `admm_rho`) that client and server both use. Flower's
+# run config cannot hold None, so a string stands for it.
 Auto = Literal["auto"]
 
 # `lr = "auto"`: each optimizer's own learning rate, found on digits (docs/BENCHMARKS.md,
@@ -102,7 +103,7 @@ class RunConfig(BaseModel):
     # BayesADMM: client penalty rho, dual damping gamma, likelihood temperature tau, prior
     # precision delta, a cosine learning-rate schedule over rounds, and the posterior family.
     # Defaults from the digits sweeps (docs/BENCHMARKS.md); the temperature also sets IVON's
-    # ess = N / tau under FedAvg and FedPA (tau = 1 puts IVON at chance on ~100 examples).
+    # ess = N / tau under FedAvg and FedPA (the old tau = 1 left IVON at chance on digits).
     rho: Annotated[float, Field(gt=0)] | Auto = "auto"
     dual_damping: float = Field(1e-3, gt=0, le=1)
     temperature: float = Field(1e-3, gt=0)
