@@ -166,6 +166,11 @@ class RunConfig(BaseModel):
             return auto_beta2(self.steps_per_round(num_examples))
         return self.beta2
 
+    def curvature_share(self, num_examples: int) -> float:
+        """1 - beta2^T: the share of a round's curvature IVON's Hessian average takes in on a
+        client with `num_examples`, its average restarting at 0 (AUTO_BETA2_SHARE with "auto")."""
+        return 1.0 - self.local_beta2(num_examples) ** self.steps_per_round(num_examples)
+
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
         return tuple(int(p) for p in self.mlp_hidden.split(","))
