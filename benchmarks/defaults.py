@@ -112,8 +112,9 @@ def markdown_table(summary: dict[str, dict], at: list[int], seeds: list[int]) ->
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for combination, s in summary.items():
         cells = [combination]
-        cells += [f"{s['accuracy'][str(r)]['mean'] * 100:.1f} ± {s['accuracy'][str(r)]['std'] * 100:.1f}"
-                  for r in at]
+        for r in at:
+            accuracy = s["accuracy"][str(r)]
+            cells.append(f"{accuracy['mean'] * 100:.1f} ± {accuracy['std'] * 100:.1f}")
         cells.append(", ".join("–" if r is None else str(r) for r in s["first_round_at_target"]))
         cells.append(f"{s['nll']['mean']:.3f} ± {s['nll']['std']:.3f}")
         bma = s.get("bma_nll")

@@ -72,8 +72,12 @@ def test_auto_lr_is_the_chosen_optimizers_own_and_a_number_is_kept():
         parse_run_config({"lr": 0.0})
 
 
-@pytest.mark.parametrize("num_examples, batch_size, epochs", [(115, 32, 5), (300, 32, 10), (7, 64, 1)])
-def test_auto_beta2_takes_in_the_same_share_of_a_round_on_every_client(num_examples, batch_size, epochs):
+@pytest.mark.parametrize(
+    "num_examples, batch_size, epochs", [(115, 32, 5), (300, 32, 10), (7, 64, 1)]
+)
+def test_auto_beta2_takes_in_the_same_share_of_a_round_on_every_client(
+    num_examples, batch_size, epochs
+):
     cfg = parse_run_config({"optimizer": "ivon", "batch-size": batch_size, "local-epochs": epochs})
     steps = epochs * math.ceil(num_examples / batch_size)
     assert cfg.steps_per_round(num_examples) == steps
