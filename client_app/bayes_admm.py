@@ -31,8 +31,8 @@ from task.params import flatten, numpy_to_record, unflatten
 def round_lr(round_: ClientRound) -> float:
     cfg = round_.cfg
     if not cfg.cosine_lr:
-        return cfg.lr
-    return cosine_lr(cfg.lr, round_.server_round - 1, cfg.num_server_rounds)
+        return cfg.local_lr
+    return cosine_lr(cfg.local_lr, round_.server_round - 1, cfg.num_server_rounds)
 
 
 def committed_duals(saved: dict[str, np.ndarray], accepted_round: int, size: int):
@@ -97,7 +97,7 @@ def train(round_: ClientRound) -> RecordDict:
     lr = round_lr(round_)
 
     if cfg.posterior == "diagonal":
-        optimizer = build_optimizer(cfg, params, lr, num_examples, rho=cfg.rho)
+        optimizer = build_optimizer(cfg, params, lr, num_examples, rho=cfg.admm_rho)
         if not isinstance(optimizer, IVONADMM):  # RunConfig rejects this combination
             raise TypeError("the diagonal BayesADMM client needs optimizer 'ivon'")
         if "momentum" in saved:
@@ -121,7 +121,7 @@ def train(round_: ClientRound) -> RecordDict:
 
         def admm_terms() -> torch.Tensor:
             x = torch.cat([p.reshape(-1) for p in params])
-            return scale * (-(dual @ x) + 0.5 * cfg.rho * (x - anchor).square().sum())
+            return scale * (-(dual @ x) + 0.5 * cfg.admm_rho * (x - anchor).square().sum())
 
         loss = _train(round_, model, optimizer, admm_terms)
         mean = flatten(params).cpu().double().numpy()
@@ -130,7 +130,7 @@ def train(round_: ClientRound) -> RecordDict:
         optimizer_state = {}
 
     increment = client_dual_increment(
-        global_mean, global_precision, mean, precision, cfg.rho, cfg.dual_damping
+        global_mean, global_precision, mean, precision, cfg.admm_rho, cfg.dual_damping
     )
     round_.state.save(
         {

@@ -12,10 +12,10 @@ from task.params import model_to_record
 
 
 def train(round_: ClientRound) -> RecordDict:
-    model = round_.model_at()
-    optimizer = build_optimizer(round_.cfg, model.parameters(), round_.cfg.lr, len(round_.train))
+    model, cfg = round_.model_at(), round_.cfg
+    optimizer = build_optimizer(cfg, model.parameters(), cfg.local_lr, len(round_.train))
     loss = train_epochs(
-        model, round_.train, optimizer, round_.cfg.local_epochs, round_.cfg.batch_size,
+        model, round_.train, optimizer, cfg.local_epochs, cfg.batch_size,
         round_.device, round_.seed,
     )
     return RecordDict(

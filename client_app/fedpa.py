@@ -172,7 +172,7 @@ def train(round_: ClientRound) -> RecordDict:
     names, params = zip(*model.named_parameters())
     theta = flatten(params)
     # A fresh optimizer each round: its momentum lives for this round's epochs only.
-    optimizer = build_optimizer(cfg, model.parameters(), cfg.lr, len(round_.train))
+    optimizer = build_optimizer(cfg, model.parameters(), cfg.local_lr, len(round_.train))
     sampling = sampling_active(
         round_.server_round, cfg.burnin_rounds, cfg.local_epochs, cfg.local_burnin_epochs
     )

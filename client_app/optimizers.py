@@ -19,7 +19,9 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """SGD, or IVON with prior N(0, 1/prior-precision) at ess = N / (temperature * rho).
 
-    rho is 1 except for the BayesADMM client, whose ADMM penalty scales the prior's weight.
+    `lr` is the step size of this round (`cfg.local_lr`, scheduled by some methods). rho is 1
+    except for the BayesADMM client, whose ADMM penalty scales the prior's weight. IVON's beta2
+    follows from the client's steps per round when `beta2 = "auto"` (`RunConfig.local_beta2`).
     """
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -29,7 +31,7 @@ def build_optimizer(
         lr=lr,
         ess=ess,
         hess_init=cfg.hess_init,
-        beta2=cfg.beta2,
+        beta2=cfg.local_beta2(num_examples),
         mc_samples=cfg.mc_samples,
         weight_decay=cfg.prior_precision / ess,
     )

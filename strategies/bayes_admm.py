@@ -177,6 +177,23 @@ def bound_reply(
     return BoundedReply(mean, precision, int(clipped.sum()))
 
 
+def calibrated_precision(global_precision, dual_precision_sum, prior_precision, share: float):
+    """The global precision on the data's scale, for the posterior a user samples from:
+
+        S_post = delta + (S_g - delta + (1 - s) sum_all V_k) / s
+
+    IVON's Hessian average restarts at 0 every round and takes in only the share s = 1 - beta2^T
+    of a round's curvature, so a client reports S_k = S~_g + s (c_k + V_k) / rho (c_k: its data's
+    curvature N_k E[diag Hessian of l_k] / tau). Where the server update is stationary this gives
+    S_g = delta + s sum c_k - (1 - s) sum V_k, and the line above recovers delta + sum c_k, the
+    pooled posterior's precision (spec section 8), for any duals. With s = 1 it is S_g itself.
+    The ADMM iteration keeps S_g: only the posterior that is sampled or saved is rescaled.
+    """
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"curvature share must lie in (0, 1], got {share}")
+    return prior_precision + (global_precision - prior_precision + (1.0 - share) * dual_precision_sum) / share
+
+
 def cosine_lr(lr0: float, round_index: int, num_rounds: int) -> float:
     """lr0 (1 + cos(pi r / R)) / 2 for round r = 0, ..., R - 1; constant within a round."""
     return lr0 * 0.5 * (1.0 + math.cos(math.pi * round_index / num_rounds))
@@ -214,6 +231,8 @@ class BayesADMM(FederatedStrategy):
         self.resumed_accepted: dict[str, int] = {}  # client-id -> round, from the checkpoint
         self.num_clients = 0
         self.fallback_coords = 0
+        # The mean share of a round's curvature the last accepted replies' IVON averages held.
+        self.curvature_share = 1.0
 
     def on_the_wire(self, vector: np.ndarray) -> np.ndarray:
         """`vector` rounded to the model's dtype per key, as a client decodes it, in float64."""
@@ -231,7 +250,10 @@ class BayesADMM(FederatedStrategy):
             "accepted-clients": np.array(clients, dtype=np.str_),
             "accepted-rounds": np.array([accepted[c] for c in clients], dtype=np.int64),
         }
-        return arrays, meta | {"at_prior": self.at_prior, "num_clients": self.num_clients}
+        return arrays, meta | {
+            "at_prior": self.at_prior, "num_clients": self.num_clients,
+            "curvature_share": self.curvature_share,
+        }
 
     def load_state_dict(self, arrays, meta) -> None:
         super().load_state_dict(arrays, meta)
@@ -244,6 +266,7 @@ class BayesADMM(FederatedStrategy):
         self.resumed_accepted = dict(zip(clients, (int(r) for r in arrays["accepted-rounds"])))
         self.accepted_round, self.client_ids = {}, {}
         self.at_prior, self.num_clients = meta["at_prior"], meta["num_clients"]
+        self.curvature_share = meta["curvature_share"]
 
     def accepted_by_client(self) -> dict[str, int]:
         """The last accepted round per client-id, over this run and the runs it resumed."""
@@ -258,7 +281,16 @@ class BayesADMM(FederatedStrategy):
         return mean, numpy_to_record(unflatten(self.precision, self.like))
 
     def posterior(self) -> tuple[ArrayRecord, ArrayRecord] | None:
-        return None if self.at_prior else self.global_records()
+        """The global posterior with its precision calibrated (`calibrated_precision`); none
+        before the first update, nor for the isotropic variant, whose unit covariance is fixed,
+        not fitted to the data."""
+        if self.at_prior or self.cfg.posterior == "isotropic":
+            return None
+        precision = calibrated_precision(
+            self.precision, self.duals.precision, self.prior_precision, self.curvature_share
+        )
+        mean, _ = self.global_records()
+        return mean, numpy_to_record(unflatten(precision, self.like))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -325,7 +357,7 @@ class BayesADMM(FederatedStrategy):
                 log(WARNING, "Reply %s", reason)
             else:
                 increment = client_dual_increment(
-                    received_mean, self.precision, m, s, self.cfg.rho, self.cfg.dual_damping
+                    received_mean, self.precision, m, s, self.cfg.admm_rho, self.cfg.dual_damping
                 )
                 duals = accumulate_duals(duals, [increment])
                 del increment
@@ -334,7 +366,7 @@ class BayesADMM(FederatedStrategy):
             del m, s, bounded
         update = server_update_from_averages(
             precision_sum / len(valid), natural_mean_sum / len(valid), duals.mean, duals.precision,
-            self.cfg.rho, self.prior_precision, max(self.num_clients, len(valid)),
+            self.cfg.admm_rho, self.prior_precision, max(self.num_clients, len(valid)),
         )
         # Keep exactly what goes on the wire (the model's dtype), so that the server and the
         # clients compute the same dual increments from the global they share.
@@ -355,6 +387,8 @@ class BayesADMM(FederatedStrategy):
                 self.client_ids[node] = config[records.CLIENT_ID]
                 # This run's table now holds the client; its entry from the checkpoint is older.
                 self.resumed_accepted.pop(self.client_ids[node], None)
+        counts = [int(r.content.metric_records[records.METRICS][records.NUM_EXAMPLES]) for r in valid]
+        self.curvature_share = float(np.mean([self.cfg.curvature_share(n) for n in counts]))
         metrics = weighted_metrics([r.content.metric_records[records.METRICS] for r in valid])
         if metrics is not None:
             metrics["precision-fallback-coords"] = update.fallback_coords

@@ -34,6 +34,30 @@ MAX_HIDDEN_WIDTH = 65536
 
 # TOML gives true ints; strictness keeps `true` or 2.5 from passing as a count.
 Count = Annotated[int, Strict()]
+# A key that may say "auto": the value then follows from the other keys, resolved in one place
+# (RunConfig's `local_lr`, `local_beta2`, `admm_rho`) that client and server both use. Flower's
+# run config cannot hold None, so a string stands for it.
+Auto = Literal["auto"]
+
+# `lr = "auto"`: each optimizer's own learning rate, found on digits (docs/BENCHMARKS.md,
+# "Defaults (no tuning)"). SGD and IVON need rates two orders of magnitude apart.
+AUTO_LR: dict[str, float] = {"sgd": 0.1, "ivon": 1e-3}
+# `rho = "auto"`: BayesADMM's penalty per posterior family. The isotropic variant fixes every
+# precision to 1, so the server keeps alpha = 1 / (1 + K rho) of the unit prior N(0, I) in each
+# new mean: at rho 0.5 and K = 10 a sixth, which holds the network near 0 (61% on digits); at 10,
+# a 1/101 (docs/BENCHMARKS.md, "Defaults (no tuning)").
+AUTO_RHO: dict[str, float] = {"diagonal": 0.5, "isotropic": 10.0}
+# `beta2 = "auto"`: the share of its local curvature that IVON's Hessian average takes in during
+# one round of T steps, 1 - beta2^T (docs/ALGORITHMS.md, "Choosing beta2"). 1 - 0.998^40, the
+# value the digits sweeps chose (beta2 0.998 at T = 40 steps per round).
+AUTO_BETA2_SHARE = 1.0 - 0.998**40
+
+
+def auto_beta2(steps_per_round: int) -> float:
+    """The beta2 with 1 - beta2^T = AUTO_BETA2_SHARE for T = `steps_per_round` steps."""
+    if steps_per_round < 1:
+        raise ValueError(f"steps per round must be at least 1, got {steps_per_round}")
+    return (1.0 - AUTO_BETA2_SHARE) ** (1.0 / steps_per_round)
 
 
 class ConfigError(ValueError):
@@ -110,7 +134,10 @@ class RunConfig(BaseModel):
     activation: Literal["relu", "sigmoid", "tanh"] = Field("relu", description="hidden activation")
     local_epochs: Count = Field(5, ge=1, description="epochs per round on each client")
     batch_size: Count = Field(32, ge=1, description="client minibatch size")
-    lr: float = Field(0.1, gt=0, description="client learning rate")
+    lr: Annotated[float, Field(gt=0)] | Auto = Field(
+        "auto",
+        description="client learning rate; `auto`: the optimizer's own (SGD 0.1, IVON 1e-3)",
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="client SGD momentum")
     weight_decay: float = Field(0.0, ge=0, description="client SGD weight decay")
     server_lr: float = Field(
@@ -130,10 +157,16 @@ class RunConfig(BaseModel):
     )
     # BayesADMM: client penalty rho, dual damping gamma, likelihood temperature tau, prior
     # precision delta, a cosine learning-rate schedule over rounds, and the posterior family.
-    rho: float = Field(0.2, gt=0, description="BayesADMM: client penalty (inverse step size)")
-    dual_damping: float = Field(0.1, gt=0, le=1, description="BayesADMM: dual damping gamma")
+    # Defaults from the digits sweeps (docs/BENCHMARKS.md); the temperature also sets IVON's
+    # ess = N / tau under FedAvg and FedPA (the old tau = 1 left IVON at chance on digits).
+    rho: Annotated[float, Field(gt=0)] | Auto = Field(
+        "auto",
+        description="BayesADMM: client penalty (inverse step size); `auto`: 0.5 for the "
+        "diagonal posterior, 10 for the isotropic one",
+    )
+    dual_damping: float = Field(1e-3, gt=0, le=1, description="BayesADMM: dual damping gamma")
     temperature: float = Field(
-        1.0,
+        1e-3,
         gt=0,
         description="BayesADMM and IVON: likelihood temperature tau (ess = N / (tau rho))",
     )
@@ -171,8 +204,12 @@ class RunConfig(BaseModel):
         "per coordinate (0: off)",
     )
     # IVON (optimizer = "ivon", and the BayesADMM client).
-    hess_init: float = Field(0.1, gt=0, description="IVON: initial Hessian h0")
-    beta2: float = Field(0.9998, gt=0, le=1, description="IVON: Hessian EMA rate")
+    hess_init: float = Field(1e-3, gt=0, description="IVON: initial Hessian h0")
+    beta2: Annotated[float, Field(gt=0, le=1)] | Auto = Field(
+        "auto",
+        description="IVON: Hessian EMA rate; `auto`: per client, 1 - beta2^T = 7.7% for its T "
+        "steps per round ([docs/ALGORITHMS.md](docs/ALGORITHMS.md))",
+    )
     mc_samples: Count = Field(1, ge=1, description="IVON: weight samples per step")
     # Robust aggregation for FedAvg and FedPA (docs/ALGORITHMS.md, "Robust aggregation").
     aggregation: Literal["mean", "trimmed-mean", "median", "krum", "multi-krum"] = Field(
@@ -320,6 +357,31 @@ class RunConfig(BaseModel):
         return self
 
     @property
+    def local_lr(self) -> float:
+        """The local optimizer's learning rate: `lr`, or the optimizer's own if "auto"."""
+        return AUTO_LR[self.optimizer] if self.lr == "auto" else self.lr
+
+    @property
+    def admm_rho(self) -> float:
+        """BayesADMM's penalty: `rho`, or the posterior family's own if "auto"."""
+        return AUTO_RHO[self.posterior] if self.rho == "auto" else self.rho
+
+    def steps_per_round(self, num_examples: int) -> int:
+        """Local optimizer steps in one round on `num_examples` training examples."""
+        return self.local_epochs * math.ceil(num_examples / self.batch_size)
+
+    def local_beta2(self, num_examples: int) -> float:
+        """IVON's beta2 on a client with `num_examples`: `beta2`, or auto_beta2 if "auto"."""
+        if self.beta2 == "auto":
+            return auto_beta2(self.steps_per_round(num_examples))
+        return self.beta2
+
+    def curvature_share(self, num_examples: int) -> float:
+        """1 - beta2^T: the share of a round's curvature IVON's Hessian average takes in on a
+        client with `num_examples`, its average restarting at 0 (AUTO_BETA2_SHARE with "auto")."""
+        return 1.0 - self.local_beta2(num_examples) ** self.steps_per_round(num_examples)
+
+    @property
     def hidden_sizes(self) -> tuple[int, ...]:
         return tuple(int(p) for p in self.mlp_hidden.split(","))
 
@@ -345,5 +407,10 @@ def _describe(err: ValidationError, raw: Mapping[str, Any]) -> str:
         known = ", ".join(sorted(RunConfig.model_json_schema(by_alias=True)["properties"]))
         return f"run config: unknown key '{key}' (= {value!r}); known keys: {known}"
     message = first["msg"].removeprefix("Value error, ")
-    more = f" (and {len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
+    per_type = [e for e in err.errors() if e["loc"] and str(e["loc"][0]) == key]
+    if isinstance(value, str) and len(per_type) > 1:  # a number-or-"auto" key given a string
+        message = "must be a number or 'auto'"
+    # A key of several types ("auto" or a number) reports one error per type: count keys.
+    others = len({str(e["loc"][0]) if e["loc"] else "" for e in err.errors()} - {key})
+    more = f" (and {others} more problem(s))" if others else ""
     return f"run config: '{key}' = {value!r} is invalid: {message}{more}"

@@ -813,7 +813,7 @@ def test_strategy_uses_exactly_the_valid_replies(name, data):
         global_mean = np.zeros_like(before["mean"]) if at_prior else before["mean"]
         increments = [
             client_dual_increment(global_mean, before["precision"], flatten(r).astype(np.float64),
-                                  p.astype(np.float64), strategy.cfg.rho, strategy.cfg.dual_damping)
+                                  p.astype(np.float64), strategy.cfg.admm_rho, strategy.cfg.dual_damping)
             for r, p in zip(received, precisions)
         ]
         start = DualSums(before["dual-mean"], before["dual-precision"])
@@ -824,7 +824,7 @@ def test_strategy_uses_exactly_the_valid_replies(name, data):
         expected = server_update(
             [flatten(r).astype(np.float64) for r in received],
             [p.astype(np.float64) for p in precisions], duals.mean, duals.precision,
-            strategy.cfg.rho, strategy.prior_precision, strategy.num_clients,
+            strategy.cfg.admm_rho, strategy.prior_precision, strategy.num_clients,
         )
         assert_bitwise_equal([strategy.mean, strategy.precision], as_sent(expected))
     else:
@@ -882,12 +882,12 @@ def test_bayes_admm_streaming_aggregation_is_server_update_round_after_round():
         precisions = [s.astype(np.float64) for _, s in sent]
         received = np.zeros(size) if strategy.at_prior else strategy.mean
         increments = [
-            client_dual_increment(received, strategy.precision, m, s, strategy.cfg.rho,
+            client_dual_increment(received, strategy.precision, m, s, strategy.cfg.admm_rho,
                                   strategy.cfg.dual_damping)
             for m, s in zip(means, precisions)
         ]
         duals = accumulate_duals(strategy.duals, increments)
-        expected = server_update(means, precisions, duals.mean, duals.precision, strategy.cfg.rho,
+        expected = server_update(means, precisions, duals.mean, duals.precision, strategy.cfg.admm_rho,
                                  strategy.prior_precision, 5)
 
         record, _ = strategy.aggregate_train(server_round, replies)

@@ -44,3 +44,29 @@ def test_heterogeneity_quick_writes_every_method_and_setting(tmp_path):
             assert len(entry["runs"][method]) == len(QUICK["seeds"])
             assert len(entry["runs"][method][0]["rounds"]) == QUICK["rounds"]
         assert "| bayes-admm (BMA) |" in table
+
+
+def test_defaults_quick_writes_every_combination(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.defaults import COMBINATIONS, QUICK
+
+    out = tmp_path / "results"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "benchmarks/defaults.py", "--quick", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    results = json.loads((out / "defaults.json").read_text())
+    table = (out / "defaults.md").read_text()
+    assert set(results["summary"]) == set(COMBINATIONS)
+    assert len(results["runs"]) == len(COMBINATIONS) * len(QUICK["seeds"])
+    for combination, summary in results["summary"].items():
+        assert f"| {combination} |" in table
+        assert math.isfinite(summary["nll"]["mean"]), combination
+        assert 0 < summary["accuracy"][str(QUICK["rounds"])]["mean"] <= 1, combination
+        # BayesADMM alone keeps a posterior, so it alone reports BMA.
+        assert ("bma_nll" in summary) == combination.startswith("bayes-admm"), combination
+    for run in results["runs"]:
+        assert [r["round"] for r in run["rounds"]] == list(range(1, QUICK["rounds"] + 1))

@@ -58,7 +58,7 @@ def test_sampling_round_delta_equals_dense_shrinkage_solve():
     params = list(model.parameters())
     iterates, samples = [], []
     train_epochs(
-        model, round_.train, build_optimizer(round_.cfg, params, round_.cfg.lr, len(round_.train)), epochs,
+        model, round_.train, build_optimizer(round_.cfg, params, round_.cfg.local_lr, len(round_.train)), epochs,
         round_.cfg.batch_size, round_.device, round_.seed,
         after_step=lambda: iterates.append(torch.cat([p.detach().reshape(-1) for p in params]).double()),
         after_epoch=lambda e: samples.append(torch.stack(iterates[-_steps_per_epoch(round_):]).mean(0)),

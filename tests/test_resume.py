@@ -159,7 +159,7 @@ def test_resume_with_a_different_experiment_is_refused(tmp_path):
     first = _cfg(tmp_path, **{"output-dir": str(tmp_path / "old"), "num-server-rounds": 1})
     run(InProcessGrid(first.to_dict(), 2), first)
     cfg = _cfg(tmp_path, **{"resume-from": str(tmp_path / "old"), "lr": 0.5})
-    with pytest.raises(ConfigError, match="'lr' = 0.5 but the checkpoint was made with 0.1"):
+    with pytest.raises(ConfigError, match="'lr' = 0.5 but the checkpoint was made with 'auto'"):
         run(InProcessGrid(cfg.to_dict(), 2), cfg)
     finished = _cfg(tmp_path, **{"resume-from": str(tmp_path / "old"), "num-server-rounds": 1})
     with pytest.raises(ConfigError, match="nothing left to run"):

@@ -28,7 +28,7 @@ def build_step_case(kind: str, input_shape: tuple[int, ...], batch: int, optimiz
     """(model, optimizer, x, y) for one cell of the step-time table; the same model and batch for
     every optimizer (same seed)."""
     cfg = parse_run_config({"model": kind, "optimizer": "ivon" if "ivon" in optimizer else "sgd",
-                            "lr": 1e-3, "seed": 0})
+                            "lr": 1e-3, "beta2": 0.9998, "seed": 0})
     model = build_model(cfg, DataSpec(input_shape, 10))
     generator = torch.Generator().manual_seed(1)
     x = torch.randn((batch, *input_shape), generator=generator)
