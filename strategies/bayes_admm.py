@@ -188,10 +188,15 @@ def calibrated_precision(global_precision, dual_precision_sum, prior_precision, 
     S_g = delta + s sum c_k - (1 - s) sum V_k, and the line above recovers delta + sum c_k, the
     pooled posterior's precision (spec section 8), for any duals. With s = 1 it is S_g itself.
     The ADMM iteration keeps S_g: only the posterior that is sampled or saved is rescaled.
+    Where the curvature estimate is negative (IVON's Price estimates are noisy), scaling it up by
+    1/s would push the precision below S_g, even below 0: there S_g itself is kept, so the result
+    is never less certain than the global and always positive where S_g is.
     """
     if not 0.0 < share <= 1.0:
         raise ValueError(f"curvature share must lie in (0, 1], got {share}")
-    return prior_precision + (global_precision - prior_precision + (1.0 - share) * dual_precision_sum) / share
+    xp = _array_module(global_precision)
+    scaled = prior_precision + (global_precision - prior_precision + (1.0 - share) * dual_precision_sum) / share
+    return xp.maximum(scaled, global_precision)
 
 
 def cosine_lr(lr0: float, round_index: int, num_rounds: int) -> float:

@@ -256,7 +256,10 @@ def test_a_pinning_reply_is_clipped_and_honest_rounds_pull_the_global_back():
     shrinks every round (measured: mean 9.9 -> 1.2 relative distance, median precision ratio
     3.1 -> 1.35 over 8 rounds). c = 10 also clips every honest reply of round 1, where the
     global is the prior (the twin too); later honest rounds are never clipped."""
-    bound = {"precision-ratio-bound": 10.0}
+    # The IVON settings this was measured with (the defaults before issue 13): at the new
+    # defaults' temperature 1e-3 honest replies move the precision by more than c = 10 a round.
+    bound = {"precision-ratio-bound": 10.0, "temperature": 1.0, "hess-init": 0.1,
+             "dual-damping": 0.1, "beta2": 0.9998}
     honest = [(s.mean.copy(), s.precision.copy()) for s, _ in
               _federation_with_a_hostile_round(bound, (), 10)]
     distances, ratios = [], []

@@ -70,6 +70,17 @@ def test_with_converged_duals_raw_and_calibrated_precision_agree():
     )
 
 
+def test_negative_curvature_estimates_keep_the_global_precision():
+    """Coordinates where the clients' curvature came out negative (S_g below the prior) are not
+    scaled further down: the calibrated precision is at least S_g, so positive where S_g is."""
+    global_precision = np.array([0.9, 0.2, 1e-6, 5.0])
+    duals = np.array([0.0, 0.0, 0.0, 0.0])
+    calibrated = calibrated_precision(global_precision, duals, 1.0, AUTO_BETA2_SHARE)
+    np.testing.assert_array_equal(calibrated[:3], global_precision[:3])
+    assert calibrated[3] == pytest.approx(1.0 + 4.0 / AUTO_BETA2_SHARE)
+    assert (calibrated > 0).all()
+
+
 def test_a_full_share_is_the_identity_and_a_share_outside_0_1_is_refused():
     precision, duals = np.array([1.0, 5.0]), np.array([-2.0, 3.0])
     assert np.array_equal(calibrated_precision(precision, duals, 1.0, 1.0), precision)
