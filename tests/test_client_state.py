@@ -19,7 +19,7 @@ def test_state_round_trips_in_memory_without_a_state_dir():
 
 def test_restarted_node_reloads_its_state_from_disk(tmp_path):
     ClientState(_context({"state-dir": str(tmp_path)})).save({"dual": np.ones(4)}, server_round=3)
-    assert (tmp_path / "run-7.npz").exists()
+    assert (tmp_path / "run-7-node-1.npz").exists()
     # A restarted SuperNode hands the ClientApp an empty context.state.
     loaded = ClientState(_context({"state-dir": str(tmp_path)})).load()
     np.testing.assert_array_equal(loaded["dual"], np.ones(4))
@@ -47,7 +47,7 @@ def test_write_is_atomic_and_leaves_no_temporary_files(tmp_path, monkeypatch):
         state.save({"a": np.ones(2)}, 2)
     except OSError:
         pass
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-7.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-7-node-1.npz"]
     np.testing.assert_array_equal(ClientState(_context({"state-dir": str(tmp_path)})).load()["a"], np.zeros(2))
 
 
@@ -55,7 +55,7 @@ def test_clear_removes_memory_and_disk(tmp_path):
     ctx = _context({"state-dir": str(tmp_path)})
     ClientState(ctx).save({"a": np.zeros(2)}, 1)
     ClientState(ctx).clear()
-    assert ClientState(ctx).load() == {} and not (tmp_path / "run-7.npz").exists()
+    assert ClientState(ctx).load() == {} and not (tmp_path / "run-7-node-1.npz").exists()
 
 
 def test_digest_covers_keys_values_dtypes_and_shapes():
@@ -79,7 +79,7 @@ def test_restore_from_disk_logs_round_and_digest_once_memory_is_empty(tmp_path, 
 
     arrays = {"dual": np.linspace(0, 1, 5), "count": np.array([3])}
     ClientState(_context({"state-dir": str(tmp_path)})).save(arrays, server_round=4)
-    saved_round, saved = read_state_file(tmp_path / "run-7.npz")
+    saved_round, saved = read_state_file(tmp_path / "run-7-node-1.npz")
     assert saved_round == 4 and state_digest(saved) == state_digest(arrays)
 
     with caplog.at_level(logging.INFO, logger="flwr"):
@@ -89,7 +89,7 @@ def test_restore_from_disk_logs_round_and_digest_once_memory_is_empty(tmp_path, 
         ClientState(restarted).load()  # memory is current now: no second restore
     restores = [r.getMessage() for r in caplog.records if "Restored client state" in r.getMessage()]
     assert restores == [
-        f"Restored client state of run 7 from {tmp_path / 'run-7.npz'} "
+        f"Restored client state of run 7 from {tmp_path / 'run-7-node-1.npz'} "
         f"(round 4, sha256 {state_digest(arrays)})"
     ]
 
@@ -101,7 +101,7 @@ def test_a_simulated_node_keeps_its_state_in_its_partition_folder_of_the_servers
     root = tmp_path / "client-state"
     root.mkdir()
     state = ClientState(_context(SIMULATED), key="abc123", client_state_dir=str(root))
-    assert state.path == root / "partition-3" / "run-abc123.npz"
+    assert state.path == root / "partition-3" / "run-abc123-partition-3.npz"
     state.save({"dual": np.ones(2)}, server_round=1)
     # A resumed run: a new Flower run id, empty memory, same state key.
     again = ClientState(_context(SIMULATED, run_id=99), key="abc123", client_state_dir=str(root))
@@ -168,8 +168,8 @@ def test_a_train_message_that_needs_lost_duals_gets_an_error_reply(tmp_path):
     assert reply.has_error()
     assert reply.error.reason == (
         "BayesADMM client state lost: the server's dual sums hold this node's duals up to round 2, "
-        f"the node has no client state (file {root / 'partition-3' / 'run-k1.npz'}), so it does "
+        f"the node has no client state (file {root / 'partition-3' / 'run-k1-partition-3.npz'}), so it does "
         "not train (its duals would disagree with the server's); restore the state file or start "
         "a new run"
     )
-    assert not (root / "partition-3").exists()  # nothing written
+    assert list((root / "partition-3").iterdir()) == []  # nothing written, the lock released
