@@ -19,10 +19,11 @@ one folder never read each other's duals. The state folder is
 What the server sends cannot reach outside that folder: the key must be 1-64 letters, digits,
 `-` or `_` (`STATE_KEY_PATTERN`), and the file (and its lock) must resolve, symbolic links
 followed, to itself inside the resolved state-dir or client-state folder (a link is never
-followed), else the node answers with an error reply and touches nothing. While a handler uses the file it holds an exclusive advisory lock on
-`<file>.lock` beside it (`fcntl.flock`, non-blocking; the lock file names its holder and is
-removed on release): a second node that finds the file in use answers with an error reply naming
-the holder instead of interleaving writes. The lock lasts one message, not the node process:
+followed), else the node answers with an error reply and touches nothing. While a handler uses
+the file it holds an exclusive advisory lock on `<file>.lock` beside it (`fcntl.flock`,
+non-blocking; the lock file names its holder and is removed on release): a second node that
+finds the file in use answers with an error reply naming the holder instead of interleaving
+writes. The lock lasts one message, not the node process:
 Flower runs a node's messages in different processes (a new ClientApp process per message in
 deployment, any of the Ray actors in simulation), so a lock held for a process's life would lock
 a node out of its own file.
@@ -116,30 +117,36 @@ def state_root(node_config: Mapping, client_state_dir: str | None) -> Path | Non
 
 def state_folder(node_config: Mapping, client_state_dir: str | None) -> Path | None:
     """The folder this node files its lasting state in (module docstring), or None: memory only."""
-    root = state_root(node_config, client_state_dir)
+    return _folder(node_config, state_root(node_config, client_state_dir))
+
+
+def _folder(node_config: Mapping, root: Path | None) -> Path | None:
     if root is None or STATE_DIR_KEY in node_config:
         return root
     return root / f"partition-{_partition(node_config)}"
 
 
-def state_path(key: str, node_config: Mapping, node_id: int, client_state_dir: str | None) -> Path | None:
+def state_path(
+    key: str, node_config: Mapping, node_id: int, client_state_dir: str | None
+) -> Path | None:
     """The node's state file for the run with state key `key`, checked to stay inside its root."""
     if not STATE_KEY_PATTERN.fullmatch(key):
         raise ClientStateError(
             f"the server's state-key {_shown(key)} is not 1-64 letters, digits, '-' or '_'"
         )
-    folder = state_folder(node_config, client_state_dir)
+    root = state_root(node_config, client_state_dir)
+    folder = _folder(node_config, root)
     if folder is None:
         return None
     path = folder / f"run-{key}-{node_identity(node_config, node_id)}.npz"
-    root = state_root(node_config, client_state_dir).resolve()
     for candidate in (path, lock_path(path)):
         # Not a link, not in a linked-away folder: another node's file is never this node's.
         resolved = candidate.resolve()
-        if resolved != folder.resolve() / candidate.name or not resolved.is_relative_to(root):
+        inside = resolved.is_relative_to(root.resolve())
+        if resolved != folder.resolve() / candidate.name or not inside:
             raise ClientStateError(
                 f"state file {candidate} resolves to {resolved}, not to itself inside the node's "
-                f"state folder {root} (a symbolic link?); the node does not follow it"
+                f"state folder {root.resolve()} (a symbolic link?); the node does not follow it"
             )
     return path
 
@@ -251,9 +258,10 @@ class ClientState:
 
     def __enter__(self) -> ClientState:
         if self.path is not None and self._depth == 0:
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             holder = (
                 f"{self.client_id} of Flower run {self.context.run_id}, pid {os.getpid()} on "
-                f"{socket.gethostname()}, since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
+                f"{socket.gethostname()}, since {since}"
             )
             lock = StateLock(lock_path(self.path), holder)
             lock.acquire()
