@@ -345,3 +345,31 @@ def test_any_state_key_is_refused_or_names_this_nodes_file_in_the_folder(tmp_pat
         with pytest.raises(ClientStateError, match="state-key"):
             ClientState(context, key=key)
     assert not folder.exists()
+
+
+def test_the_train_handler_holds_the_lock_for_its_whole_message(tmp_path, monkeypatch):
+    from flwr.app import ConfigRecord, Message, MessageType
+
+    from benchmarks.inprocess import _set_task_identity, default_run_config
+    from client_app import app as client_app
+    from client_app.state import lock_path
+    from task import records
+
+    _set_task_identity()
+    held = []
+
+    def step(round_):
+        held.append(lock_path(round_.state.path).read_text())
+        with pytest.raises(ClientStateError, match="in use by another node"):  # a second node
+            ClientState(_context({"state-dir": str(tmp_path)}), key="k").load()
+        return RecordDict()
+
+    monkeypatch.setitem(client_app.CLIENT_STEPS, "fedavg", step)
+    run_config = {**default_run_config(), "strategy": "fedavg", "model": "logreg"}
+    content = RecordDict({records.CONFIG: ConfigRecord({records.STATE_KEY: "k", records.SERVER_ROUND: 1})})
+    context = Context(run_id=7, node_id=1, state=RecordDict(), run_config=run_config,
+                      node_config={"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path)})
+    reply = client_app.train(Message(content, dst_node_id=1, message_type=MessageType.TRAIN), context)
+    assert not reply.has_error()
+    assert len(held) == 1 and held[0].startswith("node-1 of Flower run 7, pid ")
+    assert not lock_path(tmp_path / "run-k-node-1.npz").exists()  # released with the reply
