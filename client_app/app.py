@@ -28,7 +28,9 @@ CLIENT_STEPS: dict[str, Callable[[ClientRound], RecordDict]] = {
 app = ClientApp()
 
 
-def _round(msg: Message, context: Context) -> tuple[ClientRound, ArrayData]:
+def _round(
+    msg: Message, context: Context, state: ClientState | None = None
+) -> tuple[ClientRound, ArrayData]:
     cfg = parse_run_config(context.run_config)
     train, val, spec = node_data(cfg, tuple(sorted(context.node_config.items())))
     config = msg.content.config_records[records.CONFIG]
@@ -36,7 +38,7 @@ def _round(msg: Message, context: Context) -> tuple[ClientRound, ArrayData]:
     round_ = ClientRound(
         cfg=cfg,
         content=msg.content,
-        state=_state(msg, context),
+        state=state if state is not None else _state(msg, context),
         train=train,
         spec=spec,
         device=device_for(cfg),
@@ -46,6 +48,8 @@ def _round(msg: Message, context: Context) -> tuple[ClientRound, ArrayData]:
 
 
 def _state(msg: Message, context: Context) -> ClientState:
+    """The node's state for the message's run; a handler holds it (`with`) for the whole
+    message, so no other node uses the same file meanwhile."""
     config = msg.content.config_records.get(records.CONFIG) or {}
     return ClientState(context, config.get(records.STATE_KEY), config.get(records.CLIENT_STATE_DIR))
 
@@ -59,8 +63,9 @@ def _refusal(msg: Message, err: ClientStateError) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     try:
-        round_, _ = _round(msg, context)
-        return Message(CLIENT_STEPS[round_.cfg.strategy](round_), reply_to=msg)
+        with _state(msg, context) as state:
+            round_, _ = _round(msg, context, state)
+            return Message(CLIENT_STEPS[round_.cfg.strategy](round_), reply_to=msg)
     except ClientStateError as err:
         return _refusal(msg, err)
 
@@ -68,7 +73,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     try:
-        round_, val = _round(msg, context)
+        round_, val = _round(msg, context)  # evaluating reads no state: no lock
     except ClientStateError as err:
         return _refusal(msg, err)
     metrics = {records.NUM_EXAMPLES: 0}  # nothing held out (client-test-fraction 0, tiny node)
@@ -82,7 +87,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 def finish(msg: Message, context: Context) -> Message:
     """The run is over: drop this node's saved state for it."""
     try:
-        _state(msg, context).clear()
+        with _state(msg, context) as state:
+            state.clear()
     except ClientStateError as err:
         return _refusal(msg, err)
     return Message(RecordDict(), reply_to=msg)

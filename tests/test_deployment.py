@@ -191,7 +191,8 @@ def crash_drill(federation, tmp_path_factory):
     federation.stop_node(victim, crash=True)
     # Nothing writes the file once the node is dead: this is the state it died with. Clients
     # file it under the run's state key, which the checkpoint carries.
-    state_file = federation.state_dir(victim) / f"run-{load_checkpoint(out).state_key}.npz"
+    # (named with its node id too: run-<key>-node-<id>.npz; the node's state-dir is its own).
+    [state_file] = federation.state_dir(victim).glob(f"run-{load_checkpoint(out).state_key}-node-*.npz")
     died_in_round, arrays = read_state_file(state_file)
     died_with = state_digest(arrays)
     log_before_restart = len(federation.log_path(f"node-{victim}").read_text())
