@@ -12,20 +12,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run_quick(script: str, out: Path) -> tuple[dict, str]:
+    """Run benchmarks/<script>.py --quick into `out`; its JSON results and markdown table."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, f"benchmarks/{script}.py", "--quick", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((out / f"{script}.json").read_text()), (out / f"{script}.md").read_text()
+
+
 def test_heterogeneity_quick_writes_every_method_and_setting(tmp_path):
     sys.path.insert(0, str(ROOT))
     from benchmarks.heterogeneity import METHODS, METRICS, QUICK
 
     out = tmp_path / "results"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "benchmarks/heterogeneity.py", "--quick", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-    results = json.loads((out / "heterogeneity.json").read_text())
-    table = (out / "heterogeneity.md").read_text()
+    results, table = _run_quick("heterogeneity", out)
     assert set(results["settings"]) == set(QUICK["settings"])
     for setting, entry in results["settings"].items():
         assert f"### {setting}" in table
@@ -50,16 +53,7 @@ def test_defaults_quick_writes_every_combination(tmp_path):
     sys.path.insert(0, str(ROOT))
     from benchmarks.defaults import COMBINATIONS, QUICK
 
-    out = tmp_path / "results"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "benchmarks/defaults.py", "--quick", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-    results = json.loads((out / "defaults.json").read_text())
-    table = (out / "defaults.md").read_text()
+    results, table = _run_quick("defaults", tmp_path / "results")
     assert set(results["summary"]) == set(COMBINATIONS)
     assert len(results["runs"]) == len(COMBINATIONS) * len(QUICK["seeds"])
     for combination, summary in results["summary"].items():
