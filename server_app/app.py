@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from server_app.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
 from server_app.evaluation import evaluate_bma, evaluate_mean
 from server_app.outputs import POSTERIOR, RunOutputs, posterior_arrays
+from server_app.uncertainty import UncertaintyEvaluation
 from strategies import STRATEGIES
 from strategies.base import FederatedStrategy
 from task import records
@@ -70,6 +71,7 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
         outputs.continue_from(Path(cfg.resume_from), resumed.round)
         log(INFO, "Resuming from round %d of %s", resumed.round, cfg.resume_from)
     client_state_dir.mkdir(parents=True, exist_ok=True)
+    uncertainty, report = UncertaintyEvaluation(cfg, test), None
     log(INFO, "Run %s: %s on %s, results in %s", cfg.strategy, cfg.model, cfg.dataset, outputs.dir)
     # Sent with every message: clients file their lasting state under this key (and, simulated
     # nodes on this machine, in this folder).
@@ -111,6 +113,9 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
             "eval_problems": strategy.last_evaluate.reasons,
         }
         entry |= _prefixed("train", train_metrics) | _prefixed("client", client_eval)
+        if uncertainty.due(server_round):
+            report = uncertainty(model, arrays, posterior, device, cfg.seed + server_round)
+            entry["uncertainty"] = report.metrics
         entry["seconds"] = time.perf_counter() - started
         outputs.add_round(entry)
         checkpoint = Checkpoint(
@@ -123,7 +128,7 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
     _announce_finish(grid, cfg, config)
     save_checkpoint(outputs.dir, dataclasses.replace(checkpoint, finished=True))
     _remove_empty_folders(client_state_dir)
-    outputs.save_model(record_to_numpy(arrays), spec, test)
+    outputs.save_model(record_to_numpy(arrays), spec, test, report)
     if (posterior := strategy.posterior()) is not None:
         outputs.save_arrays(POSTERIOR, posterior_arrays(*posterior))
     outputs.plot()

@@ -30,5 +30,5 @@ def evaluate_bma(
 ) -> dict[str, float]:
     """The same metrics for the Bayesian model average over the global posterior."""
     mean, precision = (record_to_numpy(r) for r in posterior)
-    probs, _ = bma_probs(model, mean, precision, test.x, device, samples, seed)
+    probs, _, _ = bma_probs(model, mean, precision, test.x, device, samples, seed)
     return {f"bma_{k}": v for k, v in classification_metrics(probs, test.y).items()}

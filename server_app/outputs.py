@@ -1,4 +1,5 @@
-"""What every run leaves behind: results.json, metrics.png and the final global model.
+"""What every run leaves behind: results.json, metrics.png and the final global model, and
+the global model's uncertainty (uncertainty.png, reliability.png; server_app/uncertainty.py).
 
 The model is self-contained: model.json beside model.npz (and posterior.npz) records what
 prediction needs without the data set: input shape, classes, the network and the preprocessing
@@ -18,16 +19,20 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from server_app.checkpoint import CHECKPOINT
+from server_app.uncertainty import UncertaintyReport, plot_reliability, plot_uncertainty
 from task.config import ConfigError, RunConfig
 from task.data import PREPROCESSING, ArrayData, DataSpec, class_names
 from task.files import save_npz, write_atomic
 from task.params import record_to_numpy
-from task.predict import RUN_ID_KEY
+from task.predict import RUN_ID_KEY, TEST_ENTROPY
 
 RESULTS, PLOT, MODEL, POSTERIOR = "results.json", "metrics.png", "model.npz", "posterior.npz"
 MODEL_CARD = "model.json"
+UNCERTAINTY_PLOT, RELIABILITY_PLOT = "uncertainty.png", "reliability.png"
 # What a run leaves in its folder; `overwrite` deletes an earlier run's before anything is written.
-ARTIFACTS = (RESULTS, PLOT, MODEL, POSTERIOR, MODEL_CARD, CHECKPOINT)
+ARTIFACTS = (
+    RESULTS, PLOT, MODEL, POSTERIOR, MODEL_CARD, CHECKPOINT, UNCERTAINTY_PLOT, RELIABILITY_PLOT
+)
 # What a launcher writes into the folder before the ServerApp starts (`bayesfl run`'s run config).
 LAUNCHER_FILES = ("run-config.toml",)
 RUNNING, COMPLETED = "running", "completed"
@@ -108,9 +113,22 @@ class RunOutputs:
         save_npz(self.dir / name, {**arrays, RUN_ID_KEY: np.array(self.run_id)})
         return self.dir / name
 
-    def save_model(self, arrays: dict[str, np.ndarray], spec: DataSpec, test: ArrayData) -> Path:
-        """The final global model (model.npz) and what predicting with it needs (model.json)."""
+    def save_model(
+        self,
+        arrays: dict[str, np.ndarray],
+        spec: DataSpec,
+        test: ArrayData,
+        uncertainty: UncertaintyReport | None = None,
+    ) -> Path:
+        """The final global model (model.npz) and what predicting with it needs (model.json):
+        with the last uncertainty evaluation, the test set's entropy quantiles of the predictive
+        `bayesfl predict` uses, for `--coverage`."""
         card = {**model_card(self.cfg, spec, test), "run-id": self.run_id}
+        if uncertainty is not None:
+            card[TEST_ENTROPY] = {
+                "predictive": uncertainty.predictive,
+                "quantiles": uncertainty.test_entropy_quantiles,
+            }
         self.save_arrays(MODEL, arrays)
         write_atomic(self.dir / MODEL_CARD, json.dumps(card, indent=2).encode())
         return self.dir / MODEL
@@ -121,7 +139,10 @@ class RunOutputs:
         self.write_results()
 
     def plot(self) -> Path:
-        plot_rounds(self.results["rounds"], self.dir / PLOT, self.results["config"]["strategy"])
+        rounds, strategy = self.results["rounds"], self.results["config"]["strategy"]
+        plot_rounds(rounds, self.dir / PLOT, strategy)
+        plot_uncertainty(rounds, self.dir / UNCERTAINTY_PLOT, strategy)
+        plot_reliability(rounds, self.dir / RELIABILITY_PLOT, strategy)
         return self.dir / PLOT
 
 

@@ -2,6 +2,7 @@
 
     bayesfl run [--preset FILE.toml] [--run-config "k=v ..."] [flwr run options]
     bayesfl predict RUN_DIR INPUTS.npz [--samples 32] [--out predictions.npz]
+                    [--abstain-entropy X | --coverage C]
     bayesfl federation start|status|stop|start-node ...   (scripts/launch_federation.py)
     bayesfl certs --out DIR [--san NAME_OR_IP ...]         (scripts/make_certs.py)
 

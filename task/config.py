@@ -251,6 +251,13 @@ class RunConfig(BaseModel):
         le=1,
         description="share of nodes asked for client-side evaluation (0: none)",
     )
+    uncertainty_eval_every: Count = Field(
+        0,
+        ge=0,
+        description="rounds between server-side uncertainty evaluations of the global model "
+        "(OOD detection, selective prediction, covariate shift; results.json, uncertainty.png); "
+        "the last round is always evaluated (0: the last round only)",
+    )
     min_train_nodes: Count = Field(
         2,
         ge=1,

@@ -1,4 +1,5 @@
-"""Classification metrics on predicted class probabilities: accuracy, NLL and ECE."""
+"""Classification metrics on predicted class probabilities: accuracy, NLL, ECE and its
+reliability bins."""
 
 from __future__ import annotations
 
@@ -18,16 +19,30 @@ def nll(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12))))
 
 
-def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Expected calibration error over equal-width confidence bins (lo, hi]."""
+def reliability_bins(
+    probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width confidence bin (lo, hi] (the first also takes 0): the share of inputs in
+    it, their accuracy and their mean confidence (NaN for an empty bin). A reliability diagram
+    plots accuracy against confidence; ECE is their gap weighted by the share."""
     confidence = probs.max(axis=1)
     correct = np.argmax(probs, axis=1) == labels
     bin_index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    total = 0.0
+    share, accuracy_in, confidence_in = np.zeros(bins), np.full(bins, np.nan), np.full(bins, np.nan)
     for b in range(bins):
         in_bin = bin_index == b
         if in_bin.any():
-            total += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+            share[b] = in_bin.mean()
+            accuracy_in[b], confidence_in[b] = correct[in_bin].mean(), confidence[in_bin].mean()
+    return share, accuracy_in, confidence_in
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error over equal-width confidence bins (lo, hi]."""
+    total = 0.0
+    for share, accuracy_in, confidence_in in zip(*reliability_bins(probs, labels, bins)):
+        if share > 0:
+            total += share * abs(accuracy_in - confidence_in)
     return float(total)
 
 

@@ -8,10 +8,17 @@ averaging) and report the spread across draws. Other runs predict with `model.np
 estimate.
 
     bayesfl predict RUN_DIR INPUTS.npz [--samples 32] [--out predictions.npz]
+                    [--abstain-entropy X | --coverage C]
 
 INPUTS.npz holds an array `x` of raw inputs as the data set stores them (uint8 pixels are
 scaled as in training) or already-scaled float inputs, shaped like one example or flattened; a
 `y` array, if present, is used to print accuracy, NLL and ECE.
+
+Per input it reports the predictive entropy and, for BMA, the mutual information between the
+prediction and the weights (task/uncertainty.py). With `--abstain-entropy X` an input whose
+entropy exceeds X is flagged `abstain`; `--coverage C` picks X so that a share C of the run's
+own test set would have been answered: the run's last uncertainty evaluation stores the test
+set's entropy quantiles (of this same predictive) in model.json, so no test data is needed.
 """
 
 from __future__ import annotations
@@ -31,11 +38,14 @@ from task.data import DataSpec, model_inputs
 from task.metrics import classification_metrics, predict_probs
 from task.models import build_model, resolve_device
 from task.params import load_record, numpy_to_record
+from task.uncertainty import entropy_threshold, mutual_information, predictive_entropy
 
 MODEL_CARD, MODEL, POSTERIOR = "model.json", "model.npz", "posterior.npz"
 # Every .npz a run writes names the run (model.json's run-id): prediction refuses to mix runs.
 RUN_ID_KEY = "__run_id__"
 KNOWN_FORMAT = 1
+# model.json: the server test set's predictive entropy at coverages 0, 0.01, ..., 1 (optional)
+TEST_ENTROPY = "test-entropy"
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,8 @@ class GlobalModel:
     precision: dict[str, np.ndarray] | None  # None for a point estimate
     class_names: list[str] | None
     preprocessing: dict[str, Any]
+    # the test set's entropy quantiles at coverages 0..1 (TEST_ENTROPY), None if not recorded
+    test_entropy_quantiles: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,8 @@ class Prediction:
     probs: np.ndarray  # (N, classes): the predictive distribution
     probs_std: np.ndarray  # (N, classes): spread of the probabilities across weight draws
     entropy: np.ndarray  # (N,): entropy of the predictive distribution, in nats
+    # (N,): entropy minus the draws' mean entropy (task/uncertainty.py); 0 for a point estimate
+    mutual_information: np.ndarray
 
 
 def load_global_model(run_dir: str | Path) -> GlobalModel:
@@ -85,6 +99,7 @@ def load_global_model(run_dir: str | Path) -> GlobalModel:
             raise TypeError(f"preprocessing {preprocessing!r} has no numeric uint8-divisor")
         # build_model can fail on a card naming an impossible network (e.g. a cnn on 1-D inputs)
         like = {k: v.shape for k, v in build_model(cfg, spec).state_dict().items()}
+        quantiles = _test_entropy_quantiles(card.get(TEST_ENTROPY))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
             RuntimeError) as err:
         if isinstance(err, ConfigError):
@@ -106,12 +121,25 @@ def load_global_model(run_dir: str | Path) -> GlobalModel:
             raise ConfigError(f"{posterior}: precision/{bad} has values <= 0 (a precision is positive)")
         if (run_dir / MODEL).exists():
             _load_artifact(run_dir / MODEL, run_id)  # from the same run, or refused
-        return GlobalModel(cfg, spec, mean, precision, names, preprocessing)
+        return GlobalModel(cfg, spec, mean, precision, names, preprocessing, quantiles)
     if not (run_dir / MODEL).exists():
         raise ConfigError(f"{run_dir} has {MODEL_CARD} but neither {MODEL} nor {POSTERIOR}")
     mean = _load_artifact(run_dir / MODEL, run_id)
     _check_weights(run_dir / MODEL, "", mean, like)
-    return GlobalModel(cfg, spec, mean, None, names, preprocessing)
+    return GlobalModel(cfg, spec, mean, None, names, preprocessing, quantiles)
+
+
+def _test_entropy_quantiles(recorded: Any) -> list[float] | None:
+    if recorded is None:
+        return None
+    quantiles = recorded.get("quantiles") if isinstance(recorded, dict) else None
+    if not (
+        isinstance(quantiles, list) and len(quantiles) >= 2
+        and all(isinstance(q, (int, float)) and not isinstance(q, bool) for q in quantiles)
+        and np.all(np.isfinite(quantiles)) and np.all(np.diff(quantiles) >= 0)
+    ):
+        raise TypeError(f"{TEST_ENTROPY} is not a list of non-decreasing finite quantiles")
+    return [float(q) for q in quantiles]
 
 
 def _load_artifact(path: Path, run_id: str | None) -> dict[str, np.ndarray]:
@@ -197,11 +225,13 @@ def predict(
     if model.precision is None:
         load_record(net, numpy_to_record(model.mean))
         probs = predict_probs(net.to(torch_device), x, torch_device)
-        return Prediction(probs, np.zeros_like(probs), _entropy(probs))
-    probs, probs_std = bma_probs(
+        return Prediction(probs, np.zeros_like(probs), predictive_entropy(probs), np.zeros(len(x)))
+    probs, probs_std, expected_entropy = bma_probs(
         net, model.mean, model.precision, x, torch_device, samples, seed
     )
-    return Prediction(probs, probs_std, _entropy(probs))
+    return Prediction(
+        probs, probs_std, predictive_entropy(probs), mutual_information(probs, expected_entropy)
+    )
 
 
 def bma_probs(
@@ -212,11 +242,13 @@ def bma_probs(
     device: torch.device,
     samples: int,
     seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bayesian model averaging: the mean softmax over `samples` draws theta ~ N(m, diag(S)^-1),
-    and its standard deviation across draws (accumulated without keeping every draw)."""
+    its standard deviation across draws, and the draws' mean predictive entropy per input
+    (accumulated without keeping every draw)."""
     rng = np.random.default_rng(seed)
     average = spread = None
+    entropy_sum = 0.0
     for count in range(1, samples + 1):
         weights = {
             k: (m + rng.standard_normal(m.shape) / np.sqrt(precision[k])).astype(m.dtype)
@@ -224,17 +256,37 @@ def bma_probs(
         }
         load_record(net, numpy_to_record(weights))
         probs = predict_probs(net.to(device), x, device)
+        entropy_sum = entropy_sum + predictive_entropy(probs)
         if average is None:
             average, spread = probs, np.zeros_like(probs)
             continue
         change = probs - average
         average = average + change / count
         spread = spread + change * (probs - average)
-    return average, np.sqrt(spread / samples)
+    return average, np.sqrt(spread / samples), entropy_sum / samples
 
 
-def _entropy(probs: np.ndarray) -> np.ndarray:
-    return -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1)
+def abstain_threshold(
+    model: GlobalModel, abstain_entropy: float | None = None, coverage: float | None = None
+) -> float | None:
+    """The entropy above which prediction abstains: `abstain_entropy` itself, or the one that
+    would have answered a share `coverage` of the run's test set (model.json's quantiles)."""
+    if abstain_entropy is not None and coverage is not None:
+        raise ConfigError("give --abstain-entropy or --coverage, not both")
+    if abstain_entropy is not None:
+        if not (np.isfinite(abstain_entropy) and abstain_entropy >= 0):
+            raise ConfigError(f"--abstain-entropy must be a finite entropy >= 0, got {abstain_entropy}")
+        return float(abstain_entropy)
+    if coverage is None:
+        return None
+    if not 0 < coverage <= 1:
+        raise ConfigError(f"--coverage must be in (0, 1], got {coverage}")
+    if model.test_entropy_quantiles is None:
+        raise ConfigError(
+            f"--coverage needs the test set's entropy quantiles in {MODEL_CARD} ('{TEST_ENTROPY}'),"
+            " which this run did not record: give --abstain-entropy instead"
+        )
+    return entropy_threshold(np.asarray(model.test_entropy_quantiles), coverage)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -243,13 +295,23 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("inputs", help=".npz with array x (and optionally y)")
     parser.add_argument("--samples", type=int, default=32, help="weight draws for BMA (>= 1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="write probs, probs_std, entropy, predicted to this .npz")
+    parser.add_argument(
+        "--out",
+        help="write probs, probs_std, entropy, mutual_information, predicted, abstain to this .npz",
+    )
+    abstain = parser.add_mutually_exclusive_group()
+    abstain.add_argument("--abstain-entropy", type=float, metavar="X",
+                         help="flag inputs whose predictive entropy (nats) exceeds X")
+    abstain.add_argument("--coverage", type=float, metavar="C",
+                         help="flag inputs above the entropy that answered a share C of the run's "
+                         "test set (0 < C <= 1)")
     args = parser.parse_args(argv)
     if args.samples < 1:
         print(f"error: --samples must be at least 1, got {args.samples}", file=sys.stderr)
         return 2
     try:
         model = load_global_model(args.run_dir)
+        threshold = abstain_threshold(model, args.abstain_entropy, args.coverage)
         with np.load(args.inputs) as npz:
             if "x" not in npz.files:
                 raise ConfigError(f"{args.inputs} has no array 'x'")
@@ -264,10 +326,22 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     kind = f"BMA over {args.samples} draws" if model.precision is not None else "point estimate"
-    print(f"{len(result.probs)} inputs, {kind}; mean predictive entropy {result.entropy.mean():.4f}")
+    line = f"{len(result.probs)} inputs, {kind}; mean predictive entropy {result.entropy.mean():.4f}"
+    if model.precision is not None:
+        line += f", mean mutual information {result.mutual_information.mean():.4f}"
+    print(line)
+    abstains = np.zeros(len(result.probs), dtype=bool) if threshold is None else (
+        result.entropy > threshold
+    )
+    if threshold is not None:
+        print(f"abstain on {int(abstains.sum())} of {len(abstains)} inputs "
+              f"(predictive entropy > {threshold:.4f} nats)")
     if y is not None:
         metrics = classification_metrics(result.probs, y.astype(np.int64))
         print(" ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if threshold is not None and not abstains.all():
+            answered = result.probs[~abstains].argmax(1) == y[~abstains]
+            print(f"accuracy on the {int((~abstains).sum())} answered inputs {answered.mean():.4f}")
     if args.out:
         predicted = result.probs.argmax(1)
         extra = {} if model.class_names is None else {
@@ -275,7 +349,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         }
         np.savez(
             args.out, probs=result.probs, probs_std=result.probs_std, entropy=result.entropy,
-            predicted=predicted, **extra,
+            mutual_information=result.mutual_information, predicted=predicted, abstain=abstains,
+            **extra,
         )
         print(f"predictions: {args.out}")
     return 0
