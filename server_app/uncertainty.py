@@ -162,6 +162,8 @@ def plot_uncertainty(rounds: list[dict[str, Any]], path: Path, title: str) -> bo
     predictives = [p for p in ("mean", "bma") if p in last["uncertainty"]]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     styles = {"mean": "-", "bma": "--"}
+    oods = list(last["uncertainty"]["mean"]["ood_auroc_entropy"])
+    colors = {ood: f"C{i}" for i, ood in enumerate(oods)}
     for name in predictives:
         label = "mean prediction" if name == "mean" else "BMA"
         for score in ("entropy", "mi"):
@@ -169,7 +171,8 @@ def plot_uncertainty(rounds: list[dict[str, Any]], path: Path, title: str) -> bo
             for ood in last["uncertainty"][name].get(key, {}):
                 values = [r["uncertainty"].get(name, {}).get(key, {}).get(ood) for r in evaluated]
                 marker = "o" if score == "entropy" else "^"
-                axes[0].plot(x, values, styles[name], marker=marker, label=f"{label} {score}: {ood}")
+                axes[0].plot(x, values, styles[name], marker=marker, color=colors[ood],
+                             label=f"{ood}: {label} {score}")
         for coverage in COVERAGES:
             key = f"selective_accuracy_{round(coverage * 100)}"
             values = [r["uncertainty"].get(name, {}).get(key) for r in evaluated]
@@ -181,6 +184,10 @@ def plot_uncertainty(rounds: list[dict[str, Any]], path: Path, title: str) -> bo
             clean = last.get(metric if name == "mean" else f"bma_{metric}")
             ax.plot(noise, [clean] + [shift[level][metric] for level in levels], styles[name],
                     marker="o", label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes[:2]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set(xlabel="round", ylabel="OOD AUROC", title="OOD detection")
     axes[1].set(xlabel="round", ylabel="accuracy", title="selective prediction")
     for ax, metric in zip(axes[2:], ("NLL", "ECE")):

@@ -1,0 +1,175 @@
+"""Uncertainty of the final global model with the defaults: FedAvg (SGD) and BayesADMM (IVON),
+the network at the mean and, for BayesADMM, the Bayesian model average (BMA).
+
+Each run is a real federation in one process (`benchmarks.inprocess.simulate`) with every key at
+its pyproject.toml default (digits, Dirichlet(0.5), 20 rounds) but the method's own
+(`strategy`, `optimizer`) and `fraction-evaluate = 0`, which only skips the clients' own
+evaluation. Reported per method and predictive, mean +- std over the seeds, from the last
+round's `uncertainty` entry of results.json (server_app/uncertainty.py): test accuracy, NLL and
+ECE, OOD AUROC of the predictive entropy (and of the mutual information for BMA) against each
+OOD set, selective accuracy at 80% and 90% coverage, AURC, and the NLL under the strongest
+covariate shift.
+
+    python benchmarks/uncertainty.py --jobs 2    # the measurement (3 seeds, 20 rounds)
+    python benchmarks/uncertainty.py --quick     # smoke run: 1 seed, 2 rounds
+
+Writes uncertainty.md and uncertainty.json to --out (default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.heterogeneity import machine, mean_std  # noqa: E402
+from task.ood import SHIFT_LEVELS  # noqa: E402
+
+NUM_NODES = 10
+METHODS: dict[str, dict[str, Any]] = {
+    "fedavg": {"strategy": "fedavg", "optimizer": "sgd"},
+    "bayes-admm": {"strategy": "bayes-admm", "optimizer": "ivon"},
+}
+QUICK = {"rounds": 2, "seeds": [0], "mc": 4}
+FULL = {"rounds": None, "seeds": [0, 1, 2], "mc": None}  # None: the pyproject.toml default
+STRONGEST_SHIFT = f"{SHIFT_LEVELS[-1]:g}"
+
+
+def final_numbers(entry: dict[str, Any], predictive: str) -> dict[str, float]:
+    """The numbers of one predictive ("mean" or "bma") from a round's results.json entry."""
+    prefix = "" if predictive == "mean" else "bma_"
+    metrics = entry["uncertainty"][predictive]
+    numbers = {k: float(entry[f"{prefix}{k}"]) for k in ("accuracy", "nll", "ece")}
+    for score in ("entropy", "mi"):
+        for ood, value in metrics.get(f"ood_auroc_{score}", {}).items():
+            numbers[f"auroc_{score}_{ood}"] = value
+    numbers |= {k: metrics[k] for k in ("selective_accuracy_80", "selective_accuracy_90", "aurc")}
+    numbers[f"shift_{STRONGEST_SHIFT}_nll"] = metrics["shift"][STRONGEST_SHIFT]["nll"]
+    numbers[f"shift_{STRONGEST_SHIFT}_accuracy"] = metrics["shift"][STRONGEST_SHIFT]["accuracy"]
+    return numbers
+
+
+def _run(job: tuple[str, int, dict]) -> dict:
+    """One federation (in a worker process); the last round's numbers per predictive."""
+    import torch
+
+    torch.set_num_threads(1)
+    from benchmarks.inprocess import simulate
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    method, seed, keys = job
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        outputs = simulate({**keys, "output-dir": folder}, NUM_NODES)
+    last = outputs.results["rounds"][-1]
+    return {"method": method, "seed": seed, "overrides": keys, "round": last["round"],
+            "seconds": time.perf_counter() - started,
+            "numbers": {p: final_numbers(last, p) for p in last["uncertainty"]}}
+
+
+def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    return {
+        predictive: {key: mean_std([run["numbers"][predictive][key] for run in runs])
+                     for key in runs[0]["numbers"][predictive]}
+        for predictive in runs[0]["numbers"]
+    }
+
+
+COLUMNS = [
+    ("accuracy", "acc %", 100), ("nll", "NLL", 1), ("ece", "ECE", 1),
+    ("auroc_entropy_noise", "AUROC H noise", 1), ("auroc_entropy_inverted", "AUROC H inverted", 1),
+    ("auroc_entropy_rotated", "AUROC H rotated", 1), ("auroc_mi_noise", "AUROC MI noise", 1),
+    ("auroc_mi_inverted", "AUROC MI inverted", 1), ("auroc_mi_rotated", "AUROC MI rotated", 1),
+    ("selective_accuracy_80", "acc % @80% cov.", 100),
+    ("selective_accuracy_90", "acc % @90% cov.", 100), ("aurc", "AURC", 1),
+    (f"shift_{STRONGEST_SHIFT}_nll", f"NLL, noise {STRONGEST_SHIFT} std", 1),
+]
+
+
+def markdown_table(summary: dict[str, dict], seeds: list[int]) -> str:
+    head = ["method"] + [title for _, title, _ in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, by_predictive in summary.items():
+        for predictive, stats in by_predictive.items():
+            cells = [method + (" (BMA)" if predictive == "bma" else "")]
+            for key, _, scale in COLUMNS:
+                if key not in stats:
+                    cells.append("–")
+                    continue
+                digits = 1 if scale == 100 else 3
+                cells.append(f"{stats[key]['mean'] * scale:.{digits}f} ± "
+                             f"{stats[key]['std'] * scale:.{digits}f}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + (
+        f"\n\nSeeds {seeds}; H: predictive entropy, MI: mutual information (BMA only); "
+        "'–': not defined for a single set of weights."
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 rounds")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
+                        help="federations run at once, one process each")
+    args = parser.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    args.seeds = args.seeds if args.seeds is not None else defaults["seeds"]
+    args.rounds, args.mc = defaults["rounds"], defaults["mc"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the worker processes
+    started = time.perf_counter()
+    extra = {"fraction-evaluate": 0.0}
+    extra |= {} if args.rounds is None else {"num-server-rounds": args.rounds}
+    extra |= {} if args.mc is None else {"eval-mc-samples": args.mc}
+    jobs = [(m, seed, {**keys, **extra, "seed": seed})
+            for m, keys in METHODS.items() for seed in args.seeds]
+    print(f"{len(jobs)} federations, {args.jobs} at once", flush=True)
+    runs = []
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for run in pool.map(_run, jobs):
+            shown = " | ".join(
+                f"{p}: nll {n['nll']:.4f} auroc-H rotated {n['auroc_entropy_rotated']:.3f}"
+                for p, n in run["numbers"].items()
+            )
+            print(f"  {run['method']:11s} seed {run['seed']}: {shown} ({run['seconds']:.0f} s)",
+                  flush=True)
+            runs.append(run)
+    summary = {m: summarize([r for r in runs if r["method"] == m]) for m in METHODS}
+    command = "python benchmarks/uncertainty.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    rounds = runs[0]["round"]
+    results = {
+        "command": command.strip(), "num_nodes": NUM_NODES, "rounds": rounds, "seeds": args.seeds,
+        "machine": machine(), "wall_seconds": time.perf_counter() - started,
+        "summary": summary, "runs": runs,
+    }
+    text = (f"# Uncertainty of the global model (defaults)\n\n`{results['command']}`: digits, "
+            f"Dirichlet(0.5), {NUM_NODES} clients, round {rounds}; wall time "
+            f"{results['wall_seconds'] / 60:.1f} min on {results['machine']}.\n\n"
+            + markdown_table(summary, args.seeds) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "uncertainty.md").write_text(text)
+    (args.out / "uncertainty.json").write_text(json.dumps(results, separators=(",", ":")))
+    print("\n" + text)
+    print(f"Wrote {args.out / 'uncertainty.md'} and uncertainty.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
