@@ -65,3 +65,18 @@ def test_defaults_quick_writes_every_combination(tmp_path):
         assert ("bma_nll" in summary) == (combination == "bayes-admm+ivon"), combination
     for run in results["runs"]:
         assert [r["round"] for r in run["rounds"]] == list(range(1, QUICK["rounds"] + 1))
+
+
+def test_uncertainty_quick_reports_mean_and_bma(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.uncertainty import METHODS, QUICK
+
+    results, table = _run_quick("uncertainty", tmp_path / "results")
+    assert set(results["summary"]) == set(METHODS)
+    assert len(results["runs"]) == len(METHODS) * len(QUICK["seeds"])
+    assert set(results["summary"]["fedavg"]) == {"mean"}
+    assert set(results["summary"]["bayes-admm"]) == {"mean", "bma"}
+    bma = results["summary"]["bayes-admm"]["bma"]
+    for ood in ("noise", "inverted", "rotated"):
+        assert 0.0 <= bma[f"auroc_mi_{ood}"]["mean"] <= 1.0
+    assert "| fedavg |" in table and "| bayes-admm (BMA) |" in table
