@@ -56,7 +56,7 @@ def test_a_folder_that_holds_files_is_refused_before_anything_is_written(finishe
     with pytest.raises(ConfigError) as info:
         _run(_config(out))
     message = str(info.value)
-    assert message.startswith(f"output-dir: {out} already holds 5 file(s) (checkpoint.npz, ")
+    assert message.startswith(f"output-dir: {out} already holds 7 file(s) (checkpoint.npz, ")
     assert message.endswith("use an empty or new folder, resume-from it, or set overwrite = true")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
