@@ -10,7 +10,9 @@ the same weights for every input set (one seed), so the sets are compared on the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +99,15 @@ class UncertaintyEvaluation:
 
     def __init__(self, cfg: RunConfig, test: ArrayData) -> None:
         self.cfg, self.test = cfg, test
-        self.ood = ood_sets(cfg.dataset, test.x, cfg.seed)
-        self.shifted = shifted_sets(test.x, cfg.seed)
+
+    # Built at the first evaluation, not before: they hold as many inputs as the test set each.
+    @cached_property
+    def ood(self) -> dict[str, np.ndarray]:
+        return ood_sets(self.cfg.dataset, self.test.x, self.cfg.seed)
+
+    @cached_property
+    def shifted(self) -> dict[str, np.ndarray]:
+        return shifted_sets(self.test.x, self.cfg.seed)
 
     def due(self, server_round: int) -> bool:
         every = self.cfg.uncertainty_eval_every
@@ -135,7 +144,10 @@ class UncertaintyEvaluation:
             metrics, "bma" if posterior is not None else "mean", entropy_quantiles(chosen.entropy)
         )
 
-    def _evaluate(self, predictive):
+    def _evaluate(
+        self, predictive: Callable[[np.ndarray], Predictive]
+    ) -> tuple[Predictive, dict[str, Predictive], dict[str, Predictive]]:
+        """`predictive` on the test set, on each OOD set and on each shifted set."""
         return (
             predictive(self.test.x),
             {k: predictive(x) for k, x in self.ood.items()},

@@ -20,6 +20,7 @@ from benchmarks.system.real_runs import deployment_rows, flower_floor_rows, flwr
 from benchmarks.system.report import split_row
 from benchmarks.system.settings import ROOT, ROUND_BASE
 from server_app.outputs import RunOutputs
+from server_app.uncertainty import UncertaintyEvaluation
 from strategies import STRATEGIES
 from task.config import parse_run_config
 from task.methods import METHODS, resolve
@@ -94,6 +95,9 @@ def run_in_process(overrides: dict[str, Any], num_nodes: int) -> tuple[dict, dic
             stack.enter_context(_patched(
                 server, name, timers.timed("server_evaluation", getattr(server, name))
             ))
+        stack.enter_context(_patched(UncertaintyEvaluation, "__call__", timers.timed(
+            "server_evaluation", UncertaintyEvaluation.__call__
+        )))
         # Written after each round's `seconds` is taken: results.json and the checkpoint.
         stack.enter_context(_patched(
             server, "save_checkpoint", timers.timed("persist", server.save_checkpoint)
