@@ -8,7 +8,9 @@ evaluation. Reported per method and predictive, mean +- std over the seeds, from
 round's `uncertainty` entry of results.json (server_app/uncertainty.py): test accuracy, NLL and
 ECE, OOD AUROC of the predictive entropy (and of the mutual information for BMA) against each
 OOD set, selective accuracy at 80% and 90% coverage, AURC, and the NLL under the strongest
-covariate shift.
+covariate shift. For BayesADMM the same numbers for the BMA over its final posterior with the
+precision scaled by each of PRECISION_SCALES (below 1: a broader posterior), to see whether a
+broader posterior would pay.
 
     python benchmarks/uncertainty.py --jobs 2    # the measurement (3 seeds, 20 rounds)
     python benchmarks/uncertainty.py --quick     # smoke run: 1 seed, 2 rounds
@@ -41,8 +43,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "fedavg": {"strategy": "fedavg", "optimizer": "sgd"},
     "bayes-admm": {"strategy": "bayes-admm", "optimizer": "ivon"},
 }
-QUICK = {"rounds": 2, "seeds": [0], "mc": 4}
-FULL = {"rounds": None, "seeds": [0, 1, 2], "mc": None}  # None: the pyproject.toml default
+QUICK = {"rounds": 2, "seeds": [0], "mc": 4, "scales": (1.0, 0.1)}
+# None: the pyproject.toml default
+FULL = {"rounds": None, "seeds": [0, 1, 2], "mc": None, "scales": (1.0, 0.3, 0.1, 0.03, 0.01)}
 STRONGEST_SHIFT = f"{SHIFT_LEVELS[-1]:g}"
 
 
@@ -60,7 +63,35 @@ def final_numbers(entry: dict[str, Any], predictive: str) -> dict[str, float]:
     return numbers
 
 
-def _run(job: tuple[str, int, dict]) -> dict:
+def scaled_posterior_numbers(folder: str, keys: dict, scales: tuple[float, ...]) -> dict:
+    """The BMA's numbers over the run's saved posterior with its precision times each scale,
+    by the server's own evaluation (the draws of its last round's seed)."""
+    import torch
+
+    from benchmarks.inprocess import default_run_config
+    from server_app.evaluation import evaluate_bma
+    from server_app.uncertainty import UncertaintyEvaluation
+    from task.config import parse_run_config
+    from task.data import server_test_set
+    from task.models import build_model
+    from task.params import numpy_to_record
+    from task.predict import load_global_model
+
+    cfg = parse_run_config({**default_run_config(), **keys})
+    model = load_global_model(folder)
+    net, test, device = build_model(model.cfg, model.spec), server_test_set(cfg), torch.device("cpu")
+    evaluation, seed = UncertaintyEvaluation(cfg, test), cfg.seed + cfg.num_server_rounds
+    numbers = {}
+    for scale in scales:
+        precision = {k: (v * scale).astype(v.dtype) for k, v in model.precision.items()}
+        posterior = (numpy_to_record(model.mean), numpy_to_record(precision))
+        entry = evaluate_bma(net, posterior, test, device, cfg.eval_mc_samples, seed)
+        report = evaluation(net, posterior[0], posterior, device, seed)
+        numbers[f"{scale:g}"] = final_numbers({**entry, "uncertainty": report.metrics}, "bma")
+    return numbers
+
+
+def _run(job: tuple[str, int, dict, tuple[float, ...]]) -> dict:
     """One federation (in a worker process); the last round's numbers per predictive."""
     import torch
 
@@ -68,14 +99,16 @@ def _run(job: tuple[str, int, dict]) -> dict:
     from benchmarks.inprocess import simulate
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    method, seed, keys = job
+    method, seed, keys, scales = job
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         outputs = simulate({**keys, "output-dir": folder}, NUM_NODES)
-    last = outputs.results["rounds"][-1]
+        last = outputs.results["rounds"][-1]
+        scaled = scaled_posterior_numbers(folder, keys, scales) if "bma" in last["uncertainty"] else {}
     return {"method": method, "seed": seed, "overrides": keys, "round": last["round"],
             "seconds": time.perf_counter() - started,
-            "numbers": {p: final_numbers(last, p) for p in last["uncertainty"]}}
+            "numbers": {p: final_numbers(last, p) for p in last["uncertainty"]},
+            "scaled_posterior": scaled}
 
 
 def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
@@ -127,7 +160,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     args.seeds = args.seeds if args.seeds is not None else defaults["seeds"]
-    args.rounds, args.mc = defaults["rounds"], defaults["mc"]
+    args.rounds, args.mc, args.scales = defaults["rounds"], defaults["mc"], defaults["scales"]
     return args
 
 
@@ -138,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = {"fraction-evaluate": 0.0}
     extra |= {} if args.rounds is None else {"num-server-rounds": args.rounds}
     extra |= {} if args.mc is None else {"eval-mc-samples": args.mc}
-    jobs = [(m, seed, {**keys, **extra, "seed": seed})
+    jobs = [(m, seed, {**keys, **extra, "seed": seed}, args.scales)
             for m, keys in METHODS.items() for seed in args.seeds]
     print(f"{len(jobs)} federations, {args.jobs} at once", flush=True)
     runs = []
@@ -152,17 +185,24 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             runs.append(run)
     summary = {m: summarize([r for r in runs if r["method"] == m]) for m in METHODS}
+    with_posterior = [r["scaled_posterior"] for r in runs if r["scaled_posterior"]]
+    scaled = {
+        f"precision x{scale}": {"bma": {key: mean_std([run[scale][key] for run in with_posterior])
+                                        for key in with_posterior[0][scale]}}
+        for scale in with_posterior[0]
+    }
     command = "python benchmarks/uncertainty.py " + " ".join(sys.argv[1:] if argv is None else argv)
     rounds = runs[0]["round"]
     results = {
         "command": command.strip(), "num_nodes": NUM_NODES, "rounds": rounds, "seeds": args.seeds,
         "machine": machine(), "wall_seconds": time.perf_counter() - started,
-        "summary": summary, "runs": runs,
+        "summary": summary, "scaled_posterior": scaled, "runs": runs,
     }
     text = (f"# Uncertainty of the global model (defaults)\n\n`{results['command']}`: digits, "
             f"Dirichlet(0.5), {NUM_NODES} clients, round {rounds}; wall time "
             f"{results['wall_seconds'] / 60:.1f} min on {results['machine']}.\n\n"
-            + markdown_table(summary, args.seeds) + "\n")
+            + markdown_table(summary, args.seeds) + "\n\n## BayesADMM's BMA with the posterior "
+            "precision scaled\n\n" + markdown_table(scaled, args.seeds) + "\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "uncertainty.md").write_text(text)
     (args.out / "uncertainty.json").write_text(json.dumps(results, separators=(",", ":")))

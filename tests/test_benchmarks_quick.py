@@ -80,3 +80,6 @@ def test_uncertainty_quick_reports_mean_and_bma(tmp_path):
     for ood in ("noise", "inverted", "rotated"):
         assert 0.0 <= bma[f"auroc_mi_{ood}"]["mean"] <= 1.0
     assert "| fedavg |" in table and "| bayes-admm (BMA) |" in table
+    # the posterior's precision times 1 is the server's own BMA: the same draws, the same numbers
+    assert results["scaled_posterior"]["precision x1"]["bma"] == bma
+    assert set(results["scaled_posterior"]) == {f"precision x{s:g}" for s in QUICK["scales"]}
