@@ -124,7 +124,7 @@ class RunOutputs:
         with the last uncertainty evaluation, the test set's entropy quantiles of the predictive
         `bayesfl predict` uses, for `--coverage`."""
         card = {**model_card(self.cfg, spec, test), "run-id": self.run_id}
-        if uncertainty is not None:
+        if uncertainty is not None and uncertainty.test_entropy_quantiles is not None:
             card[TEST_ENTROPY] = {
                 "predictive": uncertainty.predictive,
                 "quantiles": uncertainty.test_entropy_quantiles,

@@ -83,7 +83,10 @@ def predictive_metrics(
     return metrics
 
 
-def entropy_quantiles(entropy: np.ndarray) -> list[float]:
+def entropy_quantiles(entropy: np.ndarray) -> list[float] | None:
+    """The entropy at coverages 0, 0.01, ..., 1; None unless every entropy is finite."""
+    if not len(entropy) or not np.isfinite(entropy).all():
+        return None
     return np.quantile(entropy, np.linspace(0.0, 1.0, QUANTILE_POINTS)).tolist()
 
 
@@ -91,7 +94,7 @@ def entropy_quantiles(entropy: np.ndarray) -> list[float]:
 class UncertaintyReport:
     metrics: dict[str, Any]  # {"mean": {...}, "bma": {...}} for the round's entry
     predictive: str  # the one `bayesfl predict` uses: "bma" with a posterior, else "mean"
-    test_entropy_quantiles: list[float]  # its test-set entropy at coverages 0..1
+    test_entropy_quantiles: list[float] | None  # its test-set entropy at coverages 0..1
 
 
 class UncertaintyEvaluation:

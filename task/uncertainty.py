@@ -45,9 +45,12 @@ def draws_mutual_information(draws: np.ndarray) -> np.ndarray:
 
 def ood_auroc(score_in: np.ndarray, score_out: np.ndarray) -> float:
     """AUROC of `score` (higher = more uncertain) telling OOD inputs from in-distribution ones:
-    1 separates them perfectly, 0.5 is chance."""
+    1 separates them perfectly, 0.5 is chance; NaN when a score is not finite (a diverged
+    model), which results.json writes as null."""
     from sklearn.metrics import roc_auc_score
 
+    if not (np.isfinite(score_in).all() and np.isfinite(score_out).all()):
+        return math.nan
     labels = np.concatenate([np.zeros(len(score_in)), np.ones(len(score_out))])
     return float(roc_auc_score(labels, np.concatenate([score_in, score_out])))
 

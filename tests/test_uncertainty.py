@@ -7,7 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from server_app.uncertainty import Predictive, UncertaintyEvaluation, predictive_metrics
+from server_app.outputs import strict_json_entry
+from server_app.uncertainty import (
+    Predictive,
+    UncertaintyEvaluation,
+    entropy_quantiles,
+    predictive_metrics,
+)
 from task.config import parse_run_config
 from task.data import ArrayData
 from task.metrics import ece, reliability_bins
@@ -123,6 +129,18 @@ def test_predictive_metrics_names_every_number():
     reliability = metrics["reliability"]
     assert reliability["share"][13] == 0.25 and reliability["accuracy"][13] == 1.0  # 0.9: (13/15, 14/15]
     assert reliability["accuracy"][0] is None and sum(reliability["share"]) == 1.0
+
+
+def test_a_diverged_model_gives_nulls_not_an_error():
+    nan = Predictive(np.full((3, 2), np.nan), np.full(3, np.nan))
+    metrics = predictive_metrics(nan, {"noise": nan}, {"1": nan}, np.array([0, 1, 0]))
+    assert math.isnan(metrics["ood_auroc_entropy"]["noise"])
+    assert math.isnan(metrics["ood_auroc_mi"]["noise"])
+    cleaned = strict_json_entry({"uncertainty": metrics})
+    assert cleaned["uncertainty"]["ood_auroc_entropy"]["noise"] is None
+    assert "uncertainty.ood_auroc_entropy.noise" in cleaned["not_finite"]
+    assert entropy_quantiles(nan.entropy) is None  # model.json then records none
+    assert entropy_quantiles(np.array([0.5, 0.1, 0.3]))[::50] == [0.1, 0.3, 0.5]
 
 
 # ----------------------------------------------------------------------------- OOD inputs
