@@ -74,10 +74,11 @@ def test_by_default_only_the_last_round_is_evaluated_and_nothing_else_changes(ru
         assert {k: v for k, v in a.items() if k not in drop} == {
             k: v for k, v in b.items() if k not in drop
         }
-    with np.load(runs["fedavg-every"] / "model.npz") as x, np.load(runs["fedavg-final"] / "model.npz") as y:
-        for key in x.files:
+    every_model, final_model = (np.load(runs[n] / "model.npz") for n in ("fedavg-every", "fedavg-final"))
+    with every_model, final_model:
+        for key in every_model.files:
             if key != "__run_id__":
-                np.testing.assert_array_equal(x[key], y[key])
+                np.testing.assert_array_equal(every_model[key], final_model[key])
 
 
 def _test_inputs(run, tmp_path):
