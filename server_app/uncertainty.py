@@ -201,8 +201,11 @@ def plot_uncertainty(rounds: list[dict[str, Any]], path: Path, title: str) -> bo
                     marker="o", label=label)
     from matplotlib.ticker import MaxNLocator
 
-    for ax in axes[:2]:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[:2]:  # the evaluated rounds themselves, when few
+        if len(x) <= 10:
+            ax.set_xticks(x)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set(xlabel="round", ylabel="OOD AUROC", title="OOD detection")
     axes[1].set(xlabel="round", ylabel="accuracy", title="selective prediction")
     for ax, metric in zip(axes[2:], ("NLL", "ECE")):
