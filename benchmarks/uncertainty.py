@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                                         for key in with_posterior[0][scale]}}
         for scale in with_posterior[0]
     }
-    command = "python benchmarks/uncertainty.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/uncertainty.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     rounds = runs[0]["round"]
     results = {
         "command": command.strip(), "overrides": args.overrides, "num_nodes": NUM_NODES, "rounds": rounds, "seeds": args.seeds,
