@@ -18,6 +18,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from server_app.checkpoint import CHECKPOINT
+from server_app.personal import PERSONAL_PLOT
 from task.config import ConfigError, RunConfig
 from task.data import PREPROCESSING, ArrayData, DataSpec, class_names
 from task.files import save_npz, write_atomic
@@ -27,7 +28,7 @@ from task.predict import RUN_ID_KEY
 RESULTS, PLOT, MODEL, POSTERIOR = "results.json", "metrics.png", "model.npz", "posterior.npz"
 MODEL_CARD = "model.json"
 # What a run leaves in its folder; `overwrite` deletes an earlier run's before anything is written.
-ARTIFACTS = (RESULTS, PLOT, MODEL, POSTERIOR, MODEL_CARD, CHECKPOINT)
+ARTIFACTS = (RESULTS, PLOT, MODEL, POSTERIOR, MODEL_CARD, CHECKPOINT, PERSONAL_PLOT)
 # What a launcher writes into the folder before the ServerApp starts (`bayesfl run`'s run config).
 LAUNCHER_FILES = ("run-config.toml",)
 RUNNING, COMPLETED = "running", "completed"
