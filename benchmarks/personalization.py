@@ -104,6 +104,8 @@ def run_overrides(method: str, setting: str, seed: int, rounds: int, args) -> di
             config["personal-epochs"] = args.local_epochs
     if args.mc is not None:
         config["eval-mc-samples"] = args.mc
+    if args.fraction_train is not None:
+        config["fraction-train"] = args.fraction_train
     if config["strategy"] == "fedpa":
         config["burnin-rounds"] = min(config.get("burnin-rounds", 0), rounds // 2)
     return config
@@ -257,6 +259,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int)
     parser.add_argument("--local-epochs", type=int,
                         help="every method's, also the personal epochs (default 5)")
+    parser.add_argument("--fraction-train", type=float,
+                        help="share of the nodes sampled per round (default 1)")
     parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8))
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
@@ -299,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv[1:] if argv is None else argv
     )
     meta = {"command": command.strip(), "rounds": args.rounds, "seeds": args.seeds,
-            "nodes": args.nodes, "machine": machine(),
+            "nodes": args.nodes, "fraction_train": args.fraction_train or 1.0, "machine": machine(),
             "wall_seconds": time.perf_counter() - started}
     write_report(args.out, meta, runs, args.settings)
     return 0
@@ -319,7 +323,8 @@ def write_report(out: Path, meta: dict, runs: list[dict], settings: list[str]) -
         }
         sections.append(markdown_table(setting, summary, chosen, meta["seeds"])
                         + f"\n\n![{setting}]({png.name})")
-    header = (f"# Personalized models\n\n`{meta['command']}`: {meta['nodes']} nodes, "
+    header = (f"# Personalized models\n\n`{meta['command']}`: {meta['nodes']} nodes "
+              f"({meta['fraction_train']:.0%} sampled per round), "
               f"{meta['rounds']} rounds, seeds {meta['seeds']}; wall time "
               f"{meta['wall_seconds'] / 60:.1f} min on {meta['machine']}.\n")
     text = header + "\n" + "\n\n".join(sections) + "\n"

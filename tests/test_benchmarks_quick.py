@@ -65,3 +65,24 @@ def test_defaults_quick_writes_every_combination(tmp_path):
         assert ("bma_nll" in summary) == (combination == "bayes-admm+ivon"), combination
     for run in results["runs"]:
         assert [r["round"] for r in run["rounds"]] == list(range(1, QUICK["rounds"] + 1))
+
+
+def test_personalization_quick_reports_every_method_global_and_personal(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.personalization import METHODS, QUICK, ROWS
+
+    out = tmp_path / "results"
+    results, table = _run_quick("personalization", out)
+    assert set(results["settings"]) == set(QUICK["settings"])
+    for setting, entry in results["settings"].items():
+        assert (out / entry["plot"]).stat().st_size > 0
+        assert {run["method"] for run in entry["runs"]} == set(METHODS)
+        assert set(entry["summary"]) == {label for label, _, _ in ROWS}
+        for label, row in entry["summary"].items():
+            assert f"| {label} |" in table
+            for metric, stats in row.items():
+                for stat in ("node_mean", "weighted", "worst10"):
+                    assert math.isfinite(stats[stat]["mean"]), (setting, label, metric, stat)
+        for run in entry["runs"]:
+            if run["method"] != "local-only":  # every federation scored all its nodes
+                assert run["summary"]["nodes_with_personal_model"] == QUICK["nodes"]
