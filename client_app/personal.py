@@ -155,10 +155,11 @@ def evaluate(round_: ClientRound, test: ArrayData, msg: Message, context: Contex
     without one yet (never trained in this run) scores the global (`personal-trained` 0)."""
     cfg = round_.cfg
     with personal_state(msg, context) as state:
-        saved = state.load()
         if cfg.personalize == "finetune":
             saved = _finetuned(round_)
             state.save(saved, round_.server_round)
+        else:
+            saved = state.load()
     trained = bool(saved)
     weights = _weights(saved) if trained else round_.received[records.ARRAYS]
     out = _score(round_, weights, test)

@@ -163,6 +163,16 @@ def test_bad_personalization_settings_are_refused(overrides, message):
         parse_run_config({**default_run_config(), **overrides})
 
 
+def test_personal_rounds_are_every_nth_and_the_last():
+    from client_app.personal import evaluates
+
+    cfg = parse_run_config({**default_run_config(), "num-server-rounds": 7,
+                            "personalize": "finetune", "personal-eval-every": 3})
+    assert [r for r in range(1, 8) if evaluates(cfg, r)] == [3, 6, 7]
+    off = parse_run_config({**default_run_config(), "personal-eval-every": 1})
+    assert not any(evaluates(off, r) for r in range(1, 30))
+
+
 def _reply(metrics: dict) -> Message:
     instruction = Message(RecordDict(), dst_node_id=1, message_type=MessageType.EVALUATE)
     return Message(RecordDict({records.METRICS: MetricRecord(metrics)}), reply_to=instruction)
