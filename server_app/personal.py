@@ -77,12 +77,12 @@ def plot_personal(rounds: list[dict[str, Any]], path: Path, title: str) -> Path 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     x = [r["round"] for r in scored]
     for ax, metric in zip(axes, ("accuracy", "nll")):
-        for model, style in (("global", "o"), ("personal", "s"), ("personal_bma", "^")):
+        for i, (model, style) in enumerate((("global", "o"), ("personal", "s"), ("personal_bma", "^"))):
             if model not in scored[-1]["personalization"]:
                 continue
             for stat, line in (("node_mean", "-"), ("worst10", ":")):
                 ax.plot(
-                    x, [r["personalization"][model][metric][stat] for r in scored],
+                    x, [r["personalization"][model][metric][stat] for r in scored], color=f"C{i}",
                     marker=style, linestyle=line, label=f"{model} ({stat.replace('_', ' ')})",
                 )
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
