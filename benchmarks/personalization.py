@@ -62,6 +62,16 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "fedpa+ft": ("fedpa-digits.toml", {"personalize": "finetune"}),
     "bayes-admm local": ("bayes-admm-digits.toml", {"personalize": "posterior", "personal-weight": 1e9}),
     "bayes-admm interp": ("bayes-admm-digits.toml", {"personalize": "posterior", "personal-weight": "auto"}),
+    # The preset's cosine schedule takes the last rounds' learning rate to ~0 (0.6% of lr in
+    # round 20 of 20): the last local solve then hardly leaves the global. A constant rate:
+    "bayes-admm local const-lr": (
+        "bayes-admm-digits.toml",
+        {"personalize": "posterior", "personal-weight": 1e9, "cosine-lr": False},
+    ),
+    "bayes-admm interp const-lr": (
+        "bayes-admm-digits.toml",
+        {"personalize": "posterior", "personal-weight": "auto", "cosine-lr": False},
+    ),
 }
 # Rows of the table: (label, method run, model in its summary). The global models come from the
 # personalized runs (personalization leaves the federation's training unchanged).
@@ -76,6 +86,11 @@ ROWS = (
     ("bayes-admm local posterior (BMA)", "bayes-admm local", "personal_bma"),
     ("bayes-admm interpolated", "bayes-admm interp", "personal"),
     ("bayes-admm interpolated (BMA)", "bayes-admm interp", "personal_bma"),
+    ("bayes-admm const-lr (global)", "bayes-admm local const-lr", "global"),
+    ("bayes-admm const-lr local posterior", "bayes-admm local const-lr", "personal"),
+    ("bayes-admm const-lr local posterior (BMA)", "bayes-admm local const-lr", "personal_bma"),
+    ("bayes-admm const-lr interpolated", "bayes-admm interp const-lr", "personal"),
+    ("bayes-admm const-lr interpolated (BMA)", "bayes-admm interp const-lr", "personal_bma"),
 )
 METRICS = ("accuracy", "nll", "ece")
 STATS = ("node_mean", "weighted", "worst10")
