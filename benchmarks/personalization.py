@@ -21,7 +21,7 @@ only the data keys, and every method trains 5 local epochs per round (BayesADMM'
 with a beta2 for them: it runs with beta2 "auto" here), so the local compute is equal except
 Ditto's personal epochs (listed in the table).
 
-    python benchmarks/personalization.py            # 2 settings, 2 seeds, 20 rounds, K = 10
+    python benchmarks/personalization.py            # 2 settings, 3 seeds, 20 rounds, K = 10
     python benchmarks/personalization.py --quick    # smoke run: 1 setting, 1 seed, 2 rounds, K = 5
     python benchmarks/personalization.py --settings digits-patho2 --seeds 0 --rounds 20
 
@@ -99,7 +99,7 @@ QUICK = {
     "nodes": 5,
 }
 FULL = {
-    "rounds": 20, "seeds": [0, 1], "settings": list(SETTINGS), "local-epochs": 5, "mc": None,
+    "rounds": 20, "seeds": [0, 1, 2], "settings": list(SETTINGS), "local-epochs": 5, "mc": None,
     "nodes": 10,
 }
 
