@@ -1,6 +1,7 @@
 """The ClientApp: one train handler that runs the configured method's client step, and an
 evaluate handler that scores the global model on the node's held-out split
-(`client-test-fraction`; a node with none replies `num-examples` 0 and no metrics)."""
+(`client-test-fraction`; a node with none replies `num-examples` 0 and no metrics), and its
+personal model too when `personalize` asks for one (client_app/personal.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
+from client_app import personal
 from client_app.local import ClientRound, device_for, node_data, node_seed
 from client_app.state import ClientState, ClientStateError
 from task import records
@@ -33,6 +35,7 @@ def _round(
 ) -> tuple[ClientRound, ArrayData]:
     cfg = parse_run_config(context.run_config)
     train, val, spec = node_data(cfg, tuple(sorted(context.node_config.items())))
+    train, _ = personal.lambda_split(cfg, train)
     config = msg.content.config_records[records.CONFIG]
     server_round = int(config[records.SERVER_ROUND])
     round_ = ClientRound(
@@ -65,7 +68,9 @@ def train(msg: Message, context: Context) -> Message:
     try:
         with _state(msg, context) as state:
             round_, _ = _round(msg, context, state)
-            return Message(CLIENT_STEPS[round_.cfg.strategy](round_), reply_to=msg)
+            reply = CLIENT_STEPS[round_.cfg.strategy](round_)
+            personal.after_train(round_, reply, msg, context)
+            return Message(reply, reply_to=msg)
     except ClientStateError as err:
         return _refusal(msg, err)
 
@@ -80,6 +85,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     if len(val):
         probs = predict_probs(round_.model_at(), val.x, round_.device)
         metrics = dict(classification_metrics(probs, val.y)) | {records.NUM_EXAMPLES: len(val)}
+        if personal.evaluates(round_.cfg, round_.server_round):
+            try:
+                metrics |= personal.evaluate(round_, val, msg, context)
+            except ClientStateError as err:
+                return _refusal(msg, err)
     return Message(RecordDict({records.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -127,9 +127,14 @@ def _folder(node_config: Mapping, root: Path | None) -> Path | None:
 
 
 def state_path(
-    key: str, node_config: Mapping, node_id: int, client_state_dir: str | None
+    key: str,
+    node_config: Mapping,
+    node_id: int,
+    client_state_dir: str | None,
+    prefix: str = "run",
 ) -> Path | None:
-    """The node's state file for the run with state key `key`, checked to stay inside its root."""
+    """The node's state file `<prefix>-<key>-<identity>.npz` for the run with state key `key`,
+    checked to stay inside its root."""
     if not STATE_KEY_PATTERN.fullmatch(key):
         raise ClientStateError(
             f"the server's state-key {_shown(key)} is not 1-64 letters, digits, '-' or '_'"
@@ -138,7 +143,7 @@ def state_path(
     folder = _folder(node_config, root)
     if folder is None:
         return None
-    path = folder / f"run-{key}-{node_identity(node_config, node_id)}.npz"
+    path = folder / f"{prefix}-{key}-{node_identity(node_config, node_id)}.npz"
     for candidate in (path, lock_path(path)):
         # Not a link, not in a linked-away folder: another node's file is never this node's.
         resolved = candidate.resolve()
@@ -235,8 +240,11 @@ class ClientState:
     """Named flat arrays plus the round they were saved in, for one node and one run.
 
     Use it as a context manager to hold the file's lock for a whole message; outside one, each
-    disk access takes the lock for its own duration.
+    disk access takes the lock for its own duration. A subclass keeps other arrays of the node
+    in a file and memory records of its own (`FILE_PREFIX`, `ARRAYS_RECORD`, `META_RECORD`).
     """
+
+    FILE_PREFIX, ARRAYS_RECORD, META_RECORD = "run", STATE_ARRAYS, STATE_META
 
     def __init__(
         self, context: Context, key: str | None = None, client_state_dir: str | None = None
@@ -247,7 +255,9 @@ class ClientState:
         self.context = context
         key = str(context.run_id) if key is None else str(key)
         self.key = key
-        self.path = state_path(key, context.node_config, context.node_id, client_state_dir)
+        self.path = state_path(
+            key, context.node_config, context.node_id, client_state_dir, self.FILE_PREFIX
+        )
         self._lock: StateLock | None = None
         self._depth = 0
 
@@ -290,9 +300,9 @@ class ClientState:
     def load(self) -> dict[str, np.ndarray]:
         """The newest saved arrays: memory, or the disk copy when memory is empty or older."""
         memory_round, memory = -1, {}
-        if STATE_ARRAYS in self.context.state.array_records:
-            memory = record_to_numpy(self.context.state.array_records[STATE_ARRAYS])
-            memory_round = int(self.context.state.config_records[STATE_META]["round"])
+        if self.ARRAYS_RECORD in self.context.state.array_records:
+            memory = record_to_numpy(self.context.state.array_records[self.ARRAYS_RECORD])
+            memory_round = int(self.context.state.config_records[self.META_RECORD]["round"])
         if self.path is None:
             return memory
         with self:
@@ -314,11 +324,11 @@ class ClientState:
             with self:
                 save_npz(self.path, {ROUND_KEY: np.int64(server_round), **arrays})
         # Memory last: a failed disk write leaves both copies as they were.
-        self.context.state[STATE_ARRAYS] = numpy_to_record(arrays)
-        self.context.state[STATE_META] = ConfigRecord({"round": server_round})
+        self.context.state[self.ARRAYS_RECORD] = numpy_to_record(arrays)
+        self.context.state[self.META_RECORD] = ConfigRecord({"round": server_round})
 
     def clear(self) -> None:
-        for name in (STATE_ARRAYS, STATE_META):
+        for name in (self.ARRAYS_RECORD, self.META_RECORD):
             if name in self.context.state:
                 del self.context.state[name]
         if self.path is not None:

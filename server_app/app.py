@@ -16,6 +16,8 @@ from server_app.checkpoint import Checkpoint, check_compatible, load_checkpoint,
 from server_app.evaluation import evaluate_bma, evaluate_mean
 from server_app.outputs import POSTERIOR, RunOutputs, posterior_arrays
 from server_app.uncertainty import UncertaintyEvaluation
+from server_app.personal import PERSONAL_PLOT, personal_summary, plot_personal
+from task.personal import PERSONAL_PREFIX
 from strategies import STRATEGIES
 from strategies.base import FederatedStrategy
 from task import records
@@ -116,6 +118,9 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
         if uncertainty.due(server_round):
             report = uncertainty(model, arrays, posterior, device, cfg.seed + server_round)
             entry["uncertainty"] = report.metrics
+        if (personal := personal_summary(eval_replies)) is not None:
+            entry["personalization"] = personal
+            outputs.results["personalization"] = {"round": server_round, **personal}
         entry["seconds"] = time.perf_counter() - started
         outputs.add_round(entry)
         checkpoint = Checkpoint(
@@ -132,6 +137,7 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
     if (posterior := strategy.posterior()) is not None:
         outputs.save_arrays(POSTERIOR, posterior_arrays(*posterior))
     outputs.plot()
+    plot_personal(outputs.results["rounds"], outputs.dir / PERSONAL_PLOT, cfg.strategy)
     outputs.mark_completed()
     log(INFO, "Results: %s", outputs.dir)
     return outputs
@@ -155,7 +161,11 @@ def _remove_empty_folders(root: Path) -> None:
     if root.is_dir() and not any(root.iterdir()):
         root.rmdir()
     elif root.is_dir():
-        log(WARNING, "Client state left in %s (nodes that missed the end of the run)", root)
+        personal = sorted(root.rglob(f"{PERSONAL_PREFIX}-*.npz"))
+        if personal:  # kept on purpose: `bayesfl predict --personal` reads them
+            log(INFO, "Personal models of %d node(s) kept in %s", len(personal), root)
+        if any(p.is_file() and p not in personal for p in root.rglob("*")):
+            log(WARNING, "Client state left in %s (nodes that missed the end of the run)", root)
 
 
 def _prefixed(prefix: str, metrics: dict | None) -> dict:

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord
 
 from server_app.checkpoint import CHECKPOINT
 from server_app.uncertainty import UncertaintyReport, plot_reliability, plot_uncertainty
+from server_app.personal import PERSONAL_PLOT
 from task.config import ConfigError, RunConfig
 from task.data import PREPROCESSING, ArrayData, DataSpec, class_names
 from task.files import save_npz, write_atomic
@@ -31,7 +32,8 @@ MODEL_CARD = "model.json"
 UNCERTAINTY_PLOT, RELIABILITY_PLOT = "uncertainty.png", "reliability.png"
 # What a run leaves in its folder; `overwrite` deletes an earlier run's before anything is written.
 ARTIFACTS = (
-    RESULTS, PLOT, MODEL, POSTERIOR, MODEL_CARD, CHECKPOINT, UNCERTAINTY_PLOT, RELIABILITY_PLOT
+    RESULTS, PLOT, MODEL, POSTERIOR, MODEL_CARD, CHECKPOINT, UNCERTAINTY_PLOT, RELIABILITY_PLOT,
+    PERSONAL_PLOT,
 )
 # What a launcher writes into the folder before the ServerApp starts (`bayesfl run`'s run config).
 LAUNCHER_FILES = ("run-config.toml",)

@@ -291,6 +291,36 @@ class RunConfig(BaseModel):
         description="a run folder (or its checkpoint.npz) to continue from its last completed "
         "round ([docs/RELIABILITY.md](docs/RELIABILITY.md))",
     )
+    # Personalized models (docs/ALGORITHMS.md, "Personalization").
+    personalize: Literal["none", "posterior", "finetune", "ditto"] = Field(
+        "none",
+        description="personal model per node: `posterior` (bayes-admm, diagonal: global and "
+        "local posterior interpolated), `finetune` or `ditto` (optimizer `sgd`)",
+    )
+    personal_weight: Annotated[float, Field(ge=0)] | Auto = Field(
+        1.0,
+        description="`posterior`: lambda, the local posterior's weight w = lambda/(1+lambda); "
+        "`auto`: each node picks it on `personal-val-fraction` of its training data",
+    )
+    personal_val_fraction: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="`personal-weight = auto`: share of a node's training split held out "
+        "(never trained on) to pick lambda",
+    )
+    personal_epochs: Count = Field(
+        1, ge=1, description="`finetune`, `ditto`: local epochs that train the personal model"
+    )
+    ditto_lambda: float = Field(
+        0.1, ge=0, description="`ditto`: proximal weight mu of (mu/2)||v - w_global||^2"
+    )
+    personal_eval_every: Count = Field(
+        5,
+        ge=1,
+        description="evaluate personal models on the nodes' test splits every this many "
+        "rounds (and in the last)",
+    )
 
     @field_validator("mlp_hidden")
     @classmethod
@@ -362,6 +392,32 @@ class RunConfig(BaseModel):
                 f"min-train-nodes >= 2f + 3 = {2 * f + 3}, got {n}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _personalization_fits_the_client(self) -> "RunConfig":
+        if self.personalize == "posterior" and not (
+            self.strategy == "bayes-admm" and self.posterior == "diagonal"
+        ):
+            raise ValueError(
+                "personalize 'posterior' needs a client that reports its Gaussian posterior: "
+                "strategy 'bayes-admm' with posterior 'diagonal' (optimizer 'ivon')"
+            )
+        if self.personalize in ("finetune", "ditto") and self.optimizer != "sgd":
+            raise ValueError(
+                f"personalize '{self.personalize}' trains the personal model with SGD: it needs "
+                f"optimizer 'sgd', got '{self.optimizer}' (IVON clients: personalize 'posterior')"
+            )
+        if self.personalize != "none" and self.client_test_fraction == 0:
+            raise ValueError(
+                "personalize needs 'client-test-fraction' > 0: personal models are evaluated on "
+                "each node's held-out split"
+            )
+        return self
+
+    @property
+    def personal_lambda_is_auto(self) -> bool:
+        """A node picks lambda itself: `personalize = posterior` with `personal-weight = auto`."""
+        return self.personalize == "posterior" and self.personal_weight == "auto"
 
     @property
     def local_lr(self) -> float:

@@ -9,6 +9,11 @@ estimate.
 
     bayesfl predict RUN_DIR INPUTS.npz [--samples 32] [--out predictions.npz]
                     [--abstain-entropy X | --coverage C]
+                    [--personal NODE_STATE_FILE_OR_FOLDER]
+
+With `--personal`, the run folder gives the network and preprocessing and a node's personal
+model (`personal-<key>-<identity>.npz`, client_app/personal.py: the interpolated Gaussian of
+`posterior` personalization, or the weights of `finetune` and `ditto`) gives the weights.
 
 INPUTS.npz holds an array `x` of raw inputs as the data set stores them (uint8 pixels are
 scaled as in training) or already-scaled float inputs, shaped like one example or flattened; a
@@ -26,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,7 @@ from task.metrics import classification_metrics, predict_probs
 from task.models import build_model, resolve_device
 from task.params import load_record, numpy_to_record
 from task.uncertainty import entropy_threshold, mutual_information, predictive_entropy
+from task.personal import PERSONAL_PREFIX
 
 MODEL_CARD, MODEL, POSTERIOR = "model.json", "model.npz", "posterior.npz"
 # Every .npz a run writes names the run (model.json's run-id): prediction refuses to mix runs.
@@ -140,6 +146,39 @@ def _test_entropy_quantiles(recorded: Any) -> list[float] | None:
     ):
         raise TypeError(f"{TEST_ENTROPY} is not a list of non-decreasing finite quantiles")
     return [float(q) for q in quantiles]
+
+
+def load_personal_model(run_dir: str | Path, personal: str | Path) -> GlobalModel:
+    """The run's network with a node's personal model: `personal` is the node's file, or a
+    folder holding exactly one (its state-dir, or a simulated node's partition folder)."""
+    model = load_global_model(run_dir)
+    path = Path(personal)
+    if path.is_dir():
+        found = sorted(path.glob(f"{PERSONAL_PREFIX}-*.npz"))
+        if len(found) != 1:
+            raise ConfigError(
+                f"{path} holds {len(found)} personal model files ({PERSONAL_PREFIX}-*.npz), "
+                "not one: name the file"
+            )
+        path = found[0]
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as err:
+        raise ConfigError(f"{path} is not a readable .npz: {_one_line(err)}") from None
+    mean = {k.removeprefix("mean/"): v for k, v in arrays.items() if k.startswith("mean/")}
+    precision = {
+        k.removeprefix("precision/"): v for k, v in arrays.items() if k.startswith("precision/")
+    }
+    like = {k: v.shape for k, v in build_model(model.cfg, model.spec).state_dict().items()}
+    if not mean:
+        raise ConfigError(f"{path} holds no personal model (no mean/ arrays)")
+    _check_weights(path, "mean", mean, like)
+    if precision:
+        _check_weights(path, "precision", precision, like)
+        if (bad := next((k for k, v in precision.items() if not (v > 0).all()), None)) is not None:
+            raise ConfigError(f"{path}: precision/{bad} has values <= 0 (a precision is positive)")
+    return replace(model, mean=mean, precision=precision or None)
 
 
 def _load_artifact(path: Path, run_id: str | None) -> dict[str, np.ndarray]:
@@ -305,12 +344,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     abstain.add_argument("--coverage", type=float, metavar="C",
                          help="flag inputs above the entropy that answered a share C of the run's "
                          "test set (0 < C <= 1)")
+    parser.add_argument(
+        "--personal", help="a node's personal model file (or the folder holding it) to use "
+        "instead of the global model",
+    )
     args = parser.parse_args(argv)
     if args.samples < 1:
         print(f"error: --samples must be at least 1, got {args.samples}", file=sys.stderr)
         return 2
     try:
-        model = load_global_model(args.run_dir)
+        if args.personal:
+            model = load_personal_model(args.run_dir, args.personal)
+        else:
+            model = load_global_model(args.run_dir)
         threshold = abstain_threshold(model, args.abstain_entropy, args.coverage)
         with np.load(args.inputs) as npz:
             if "x" not in npz.files:

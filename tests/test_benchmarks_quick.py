@@ -83,3 +83,24 @@ def test_uncertainty_quick_reports_mean_and_bma(tmp_path):
     # the posterior's precision times 1 is the server's own BMA: the same draws, the same numbers
     assert results["scaled_posterior"]["precision x1"]["bma"] == bma
     assert set(results["scaled_posterior"]) == {f"precision x{s:g}" for s in QUICK["scales"]}
+
+
+def test_personalization_quick_reports_every_method_global_and_personal(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.personalization import METHODS, QUICK, ROWS
+
+    out = tmp_path / "results"
+    results, table = _run_quick("personalization", out)
+    assert set(results["settings"]) == set(QUICK["settings"])
+    for setting, entry in results["settings"].items():
+        assert (out / entry["plot"]).stat().st_size > 0
+        assert {run["method"] for run in entry["runs"]} == set(METHODS)
+        assert set(entry["summary"]) == {label for label, _, _ in ROWS}
+        for label, row in entry["summary"].items():
+            assert f"| {label} |" in table
+            for metric, stats in row.items():
+                for stat in ("node_mean", "weighted", "worst10"):
+                    assert math.isfinite(stats[stat]["mean"]), (setting, label, metric, stat)
+        for run in entry["runs"]:
+            if run["method"] != "local-only":  # every federation scored all its nodes
+                assert run["summary"]["nodes_with_personal_model"] == QUICK["nodes"]
