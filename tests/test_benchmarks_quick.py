@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The attack benchmark's --quick run (3 rounds): most accuracy points an attack may cost under
+# the recommended setting against the honest run with defaults.
+QUICK_MAX_COST = 10.0
 
 
 def _run_quick(script: str, out: Path) -> tuple[dict, str]:
@@ -65,3 +68,31 @@ def test_defaults_quick_writes_every_combination(tmp_path):
         assert ("bma_nll" in summary) == (combination == "bayes-admm+ivon"), combination
     for run in results["runs"]:
         assert [r["round"] for r in run["rounds"]] == list(range(1, QUICK["rounds"] + 1))
+
+
+def test_attacks_quick_no_attack_crashes_and_the_recommended_setting_holds(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.attacks import DEFAULTS, HONEST, RECOMMENDED, attacks_for
+
+    results, table = _run_quick("attacks", tmp_path / "results")
+    summary = results["summary"]
+    assert set(summary) == {"fedavg", "bayes-admm"}
+    for strategy, by_defence in summary.items():
+        assert f"### {strategy}" in table
+        assert set(by_defence) == {DEFAULTS, RECOMMENDED}
+        for defence, by_attack in by_defence.items():
+            assert set(by_attack) == set(attacks_for(strategy)), (strategy, defence)
+            for attack, cell in by_attack.items():
+                # With defaults too: an attack may wreck the model but never crashes the run.
+                assert cell["completed"] and not cell["errors"], (strategy, defence, attack)
+                assert math.isfinite(cell["accuracy"]["mean"]), (strategy, defence, attack)
+        honest = by_defence[DEFAULTS][HONEST]["accuracy"]["mean"]
+        assert honest > 0.5, strategy
+        for attack, cell in by_defence[RECOMMENDED].items():
+            assert cell["cost_points"] <= QUICK_MAX_COST, (strategy, attack, cell)
+    # The attacks bite undefended: the inflated zero model takes FedAvg over, the pinning reply
+    # BayesADMM (both then predict one class for everything).
+    assert summary["fedavg"][DEFAULTS]["weight-inflation"]["accuracy"]["mean"] < 0.2
+    assert summary["bayes-admm"][DEFAULTS]["precision-hijack"]["accuracy"]["mean"] < 0.2
+    for run in results["runs"]:
+        assert [r["round"] for r in run["rounds"]] == list(range(1, results["rounds"] + 1))
