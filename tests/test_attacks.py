@@ -26,7 +26,7 @@ from benchmarks.attacks import (
     hostile_reply,
     model_replacement,
 )
-from strategies.bayes_admm import bound_reply
+from strategies.bayes_admm import ReplySums, average_in_bounds, bound_reply
 from strategies.fedavg import weighted_mean
 from strategies.robust import cap_weights, robust_combine
 from task import records
@@ -143,3 +143,27 @@ def test_every_attack_on_bayes_admm_is_bounded_by_the_recommended_reply_bounds(a
     reach = 10 / np.sqrt(global_precision)
     assert np.all(np.abs(bounded.mean - global_mean) <= reach * (1 + 1e-12))
     assert math.isfinite(float(np.sum(bounded.precision * bounded.mean)))
+
+
+def test_out_of_bounds_coordinates_are_left_out_of_the_bayes_admm_average():
+    """Three replies at four coordinates; reply 3 is out of bounds at coordinates 0-2 and every
+    reply at coordinate 3: the average leaves reply 3 out at 0-2 and uses the clipped values of
+    all three at 3."""
+    precisions = [np.array([1.0, 2.0, 3.0, 4.0]), np.array([3.0, 2.0, 1.0, 4.0]),
+                  np.array([100.0, 100.0, 100.0, 100.0])]
+    means = [np.array([1.0, 1.0, 1.0, 1.0]), np.array([3.0, 3.0, 3.0, 3.0]),
+             np.array([-9.0, -9.0, -9.0, -9.0])]
+    inside = [np.array([True, True, True, False])] * 2 + [np.array([False, False, False, False])]
+    clipped, kept = ReplySums(), ReplySums()
+    for s, m, ok in zip(precisions, means, inside):
+        clipped, kept = clipped.add(s, m), kept.add(s, m, ok)
+    precision, natural_mean = average_in_bounds(kept, clipped)
+    np.testing.assert_array_equal(precision, [2.0, 2.0, 2.0, 108 / 3])
+    np.testing.assert_array_equal(natural_mean, [5.0, 4.0, 3.0, (4 + 12 - 900) / 3])
+    # Every reply inside everywhere: the plain average, bit for bit.
+    everywhere = ReplySums()
+    for s, m in zip(precisions, means):
+        everywhere = everywhere.add(s, m, np.ones(4, bool))
+    precision, natural_mean = average_in_bounds(everywhere, clipped)
+    assert precision.tobytes() == (sum(precisions) / 3).tobytes()
+    assert natural_mean.tobytes() == (sum(s * m for s, m in zip(precisions, means)) / 3).tobytes()
