@@ -318,6 +318,7 @@ def summarize(runs: list[dict]) -> dict[str, dict[str, dict[str, dict]]]:
                 cell_runs = cell.pop("runs")
                 done = [r for r in cell_runs if r["completed"]]
                 cell["completed"] = len(done) == len(cell_runs)
+                cell["seeds"] = sorted(r["seed"] for r in cell_runs)
                 cell["errors"] = [r["error"] for r in cell_runs if r["error"]]
                 cell["skipped_rounds"] = sum(sum(x["skipped"] for x in r["rounds"]) for r in done)
                 cell["rejected_replies"] = sum(sum(x["rejected"] for x in r["rounds"]) for r in done)
@@ -352,19 +353,21 @@ def markdown(summary: dict, seeds: list[int]) -> str:
         by_defence = {d: summary[strategy][d] for d in defences_for(strategy)
                       if d in summary[strategy]}
         attacks = [a for a in attacks_for(strategy) if any(a in c for c in by_defence.values())]
-        head = ["defence", *attacks, "worst cost (points)"]
+        head = ["defence", "seeds", *attacks, "worst cost (points)"]
         lines = [f"### {strategy}", "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for defence, by_attack in by_defence.items():
             costs = [by_attack[a]["cost_points"] if by_attack[a]["completed"] else math.inf
                      for a in attacks if a in by_attack and a != HONEST]
             worst = f"{max(costs):.1f}" if costs else ""
+            seeds = sorted({seed for cell in by_attack.values() for seed in cell["seeds"]})
             lines.append("| " + " | ".join(
-                [defence, *(_cell(by_attack.get(a)) for a in attacks), worst]) + " |")
+                [defence, ",".join(map(str, seeds)), *(_cell(by_attack.get(a)) for a in attacks),
+                 worst]) + " |")
         sections.append("\n".join(lines))
     return ("\n\n".join(sections)
             + f"\n\nCells: test accuracy % / NLL, mean of the last {LAST_ROUNDS} rounds, mean over "
-            f"seeds {seeds}. Worst cost: the largest accuracy loss of an attack against the "
+            f"the row's seeds (of {seeds}). Worst cost: the largest accuracy loss of an attack against the "
             f"honest run with defaults (first cell of the defaults row), in points.")
 
 

@@ -196,21 +196,27 @@ class ReplySums:
         return ReplySums(self.precision + precision, self.natural_mean + natural_mean, self.count + count)
 
 
-def average_in_bounds(inside: ReplySums, clipped: ReplySums):
-    """(mean_A(S_k), mean_A(S_k m_k)) per coordinate over the replies that lay inside the bounds
-    there (`inside`); where no reply did, over every reply's clipped values (`clipped`).
+def average_in_bounds(tiers: Sequence[ReplySums]):
+    """(mean_A(S_k), mean_A(S_k m_k)) per coordinate over the replies of the first tier that has
+    one there. The strategy passes the replies inside every bound, then those whose mean is
+    inside the mean-shift bound (their precision clipped), then all replies clipped; the last
+    tier always holds every reply.
 
-    A reply out of bounds at a coordinate is left out of that coordinate's average instead of
-    entering it clipped: a node that is out of bounds every round (a hostile one) then cannot
-    push the global by the bound's reach round after round, while an honest reply with a stray
-    coordinate still counts everywhere else. Dropping a reply from the average at some
-    coordinates is the update over a smaller subset A there, which the rule allows (any
-    non-empty A; see the module docstring), so the fixed point is unchanged.
+    A reply out of bounds at a coordinate is thus left out of that coordinate's average instead
+    of entering it clipped: a node out of bounds every round (a hostile one) cannot push the
+    global by the bound's reach round after round, while an honest reply with a stray coordinate
+    still counts everywhere else. The middle tier matters where honest replies are out of the
+    precision ratio too (round 1, where the global is the prior): there a hostile mean still
+    stays out. Leaving replies out at some coordinates is the update over a smaller subset A
+    there, which the rule allows (any non-empty A; see the module docstring).
     """
-    some = np.asarray(inside.count) > 0
-    count = np.where(some, inside.count, 1)
-    precision = np.where(some, inside.precision / count, clipped.precision / clipped.count)
-    natural_mean = np.where(some, inside.natural_mean / count, clipped.natural_mean / clipped.count)
+    precision, natural_mean = tiers[-1].precision / tiers[-1].count, \
+        tiers[-1].natural_mean / tiers[-1].count
+    for tier in reversed(tiers[:-1]):
+        some = np.asarray(tier.count) > 0
+        count = np.where(some, tier.count, 1)
+        precision = np.where(some, tier.precision / count, precision)
+        natural_mean = np.where(some, tier.natural_mean / count, natural_mean)
     return precision, natural_mean
 
 
@@ -371,7 +377,7 @@ class BayesADMM(FederatedStrategy):
         # One reply at a time (memory does not grow with K), summed in reply order as
         # server_update and accumulate_duals would sum the lists.
         received_mean = np.zeros_like(self.mean) if self.at_prior else self.mean
-        duals, clipped_sums, inside_sums = self.duals, ReplySums(), ReplySums()
+        duals, tiers = self.duals, [ReplySums(), ReplySums(), ReplySums()]
         clipped_coords, clipped_nodes = 0, set()
         for reply in valid:
             arrays = reply.content.array_records
@@ -405,10 +411,11 @@ class BayesADMM(FederatedStrategy):
                 )
                 duals = accumulate_duals(duals, [increment])
                 del increment
-            clipped_sums = clipped_sums.add(s, m)
-            inside_sums = inside_sums.add(s, m, (m == sent_mean) & (s == sent_precision))
-            del m, s, bounded, sent_mean, sent_precision
-        average_precision, average_natural_mean = average_in_bounds(inside_sums, clipped_sums)
+            mean_inside = m == sent_mean
+            tiers = [tiers[0].add(s, m, mean_inside & (s == sent_precision)),
+                     tiers[1].add(s, m, mean_inside), tiers[2].add(s, m)]
+            del m, s, bounded, sent_mean, sent_precision, mean_inside
+        average_precision, average_natural_mean = average_in_bounds(tiers)
         update = server_update_from_averages(
             average_precision, average_natural_mean, duals.mean, duals.precision,
             self.cfg.admm_rho, self.prior_precision, max(self.num_clients, len(valid)),

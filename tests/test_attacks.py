@@ -146,24 +146,26 @@ def test_every_attack_on_bayes_admm_is_bounded_by_the_recommended_reply_bounds(a
 
 
 def test_out_of_bounds_coordinates_are_left_out_of_the_bayes_admm_average():
-    """Three replies at four coordinates; reply 3 is out of bounds at coordinates 0-2 and every
-    reply at coordinate 3: the average leaves reply 3 out at 0-2 and uses the clipped values of
-    all three at 3."""
+    """Three replies at four coordinates. Reply 3 is out of bounds everywhere; replies 1-2 are
+    inside at coordinates 0-1, inside the mean bound only at 2, out of both at 3. The average
+    takes replies 1-2 at 0-1, the mean-inside tier (replies 1-2, precision clipped) at 2, and
+    every clipped reply at 3."""
     precisions = [np.array([1.0, 2.0, 3.0, 4.0]), np.array([3.0, 2.0, 1.0, 4.0]),
                   np.array([100.0, 100.0, 100.0, 100.0])]
     means = [np.array([1.0, 1.0, 1.0, 1.0]), np.array([3.0, 3.0, 3.0, 3.0]),
              np.array([-9.0, -9.0, -9.0, -9.0])]
-    inside = [np.array([True, True, True, False])] * 2 + [np.array([False, False, False, False])]
-    clipped, kept = ReplySums(), ReplySums()
-    for s, m, ok in zip(precisions, means, inside):
-        clipped, kept = clipped.add(s, m), kept.add(s, m, ok)
-    precision, natural_mean = average_in_bounds(kept, clipped)
+    inside = [np.array([True, True, False, False])] * 2 + [np.zeros(4, bool)]
+    mean_inside = [np.array([True, True, True, False])] * 2 + [np.zeros(4, bool)]
+    tiers = [ReplySums(), ReplySums(), ReplySums()]
+    for s, m, ok, mean_ok in zip(precisions, means, inside, mean_inside):
+        tiers = [tiers[0].add(s, m, ok), tiers[1].add(s, m, mean_ok), tiers[2].add(s, m)]
+    precision, natural_mean = average_in_bounds(tiers)
     np.testing.assert_array_equal(precision, [2.0, 2.0, 2.0, 108 / 3])
     np.testing.assert_array_equal(natural_mean, [5.0, 4.0, 3.0, (4 + 12 - 900) / 3])
     # Every reply inside everywhere: the plain average, bit for bit.
     everywhere = ReplySums()
     for s, m in zip(precisions, means):
         everywhere = everywhere.add(s, m, np.ones(4, bool))
-    precision, natural_mean = average_in_bounds(everywhere, clipped)
+    precision, natural_mean = average_in_bounds([everywhere, everywhere, tiers[2]])
     assert precision.tobytes() == (sum(precisions) / 3).tobytes()
     assert natural_mean.tobytes() == (sum(s * m for s, m in zip(precisions, means)) / 3).tobytes()
