@@ -87,16 +87,20 @@ def test_attacks_quick_no_attack_crashes_and_the_recommended_setting_holds(tmp_p
                 assert cell["completed"] and not cell["errors"], (strategy, defence, attack)
                 assert math.isfinite(cell["accuracy"]["mean"]), (strategy, defence, attack)
         assert by_defence[DEFAULTS][HONEST]["accuracy"]["mean"] > 0.5, strategy
-    # The recommended setting holds every attack on FedAvg, and the hijacks on BayesADMM (its
-    # bounds do not stop the attacks on the mean: docs/BENCHMARKS.md, "Attacks").
-    held = [("fedavg", attack) for attack in summary["fedavg"][RECOMMENDED]]
-    held += [("bayes-admm", attack) for attack in (HONEST, "precision-hijack", "mean-hijack")]
-    for strategy, attack in held:
-        cell = summary[strategy][RECOMMENDED][attack]
-        assert cell["cost_points"] <= QUICK_MAX_COST, (strategy, attack, cell)
-    # The attacks bite undefended: the inflated zero model takes FedAvg over, the pinning reply
-    # BayesADMM (both then predict one class for everything).
-    assert summary["fedavg"][DEFAULTS]["weight-inflation"]["accuracy"]["mean"] < 0.2
-    assert summary["bayes-admm"][DEFAULTS]["precision-hijack"]["accuracy"]["mean"] < 0.2
+    # The recommended setting holds every attack on FedAvg against the honest run with defaults.
+    fedavg = summary["fedavg"]
+    for attack, cell in fedavg[RECOMMENDED].items():
+        assert cell["cost_points"] <= QUICK_MAX_COST, (attack, cell)
+    # BayesADMM's hijacks are held by every setting, the defaults included (out-of-bounds
+    # coordinates are left out of the average), against the honest run with the same setting:
+    # the ratio bound itself slows round 1 (docs/BENCHMARKS.md, "Attacks"). Its bounds do not
+    # stop the attacks on the mean, so those are not asserted here.
+    for defence, by_attack in summary["bayes-admm"].items():
+        honest = by_attack[HONEST]["accuracy"]["mean"]
+        for attack in ("precision-hijack", "mean-hijack"):
+            cost = 100 * (honest - by_attack[attack]["accuracy"]["mean"])
+            assert cost <= QUICK_MAX_COST, (defence, attack, by_attack[attack])
+    # The attacks bite undefended: the inflated zero model takes FedAvg over (one class for all).
+    assert fedavg[DEFAULTS]["weight-inflation"]["accuracy"]["mean"] < 0.2
     for run in results["runs"]:
         assert [r["round"] for r in run["rounds"]] == list(range(1, results["rounds"] + 1))
