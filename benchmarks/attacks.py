@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -413,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {run['strategy']:10s} {run['defence']:26s} {run['attack']:18s} seed "
                   f"{run['seed']}: {status} ({run['seconds']:.0f} s)", flush=True)
             runs.append(run)
-    command = "python benchmarks/attacks.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/attacks.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     commands, seeds = [command.strip()], sorted(args.seeds)
     if args.merge and (args.out / "attacks.json").exists():
         earlier = json.loads((args.out / "attacks.json").read_text())
