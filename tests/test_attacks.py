@@ -127,8 +127,8 @@ def test_every_attack_meets_a_robust_combiner_that_ignores_it(attack, defence):
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
 def test_every_attack_on_bayes_admm_is_bounded_by_the_recommended_reply_bounds(attack):
-    """precision-ratio-bound 100 and mean-shift-bound 10 (the benchmark's recommended BayesADMM
-    setting): whatever the attack, the reply's precision stays within [S/100, 100 S] and its mean
+    """precision-ratio-bound 100 and mean-shift-bound 10 (a setting of the benchmark): whatever
+    the attack, the reply's precision stays within [S/100, 100 S] and its mean
     within 10 global standard deviations, per coordinate (a sign flip of a small update may
     already lie inside)."""
     rng = RNG(5)
