@@ -8,7 +8,7 @@ process start-up, Ray) is measured separately by `benchmarks/system` through rea
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +92,14 @@ class InProcessGrid(NodeListGrid):
             return Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message)
 
 
-def simulate(overrides: dict[str, Any], num_nodes: int) -> RunOutputs:
-    """Run one federation in this process; returns its outputs (results, folder)."""
+def simulate(
+    overrides: dict[str, Any],
+    num_nodes: int,
+    make_grid: Callable[[dict[str, Any], int], InProcessGrid] = InProcessGrid,
+) -> RunOutputs:
+    """Run one federation in this process; returns its outputs (results, folder).
+    `make_grid(run_config, num_nodes)` builds the grid (a subclass may alter replies)."""
     _set_task_identity()
     run_config = {**default_run_config(), **overrides}
     cfg = parse_run_config(run_config)
-    return run(InProcessGrid(run_config, num_nodes), cfg)
+    return run(make_grid(run_config, num_nodes), cfg)

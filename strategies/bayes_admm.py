@@ -177,6 +177,49 @@ def bound_reply(
     return BoundedReply(mean, precision, int(clipped.sum()))
 
 
+@dataclass(frozen=True)
+class ReplySums:
+    """Per coordinate: sum of S_k, of S_k m_k, and how many replies were summed there (numpy;
+    one reply added at a time, so memory does not grow with the number of replies)."""
+
+    precision: object = 0.0
+    natural_mean: object = 0.0
+    count: object = 0
+
+    def add(self, precision, mean, where=None) -> ReplySums:
+        """These sums plus one reply (only at the coordinates `where` is true, if given)."""
+        natural_mean = precision * mean
+        count = 1
+        if where is not None:
+            precision, natural_mean = np.where(where, precision, 0), np.where(where, natural_mean, 0)
+            count = where.astype(np.float64)
+        return ReplySums(self.precision + precision, self.natural_mean + natural_mean, self.count + count)
+
+
+def average_in_bounds(tiers: Sequence[ReplySums]):
+    """(mean_A(S_k), mean_A(S_k m_k)) per coordinate over the replies of the first tier that has
+    one there. The strategy passes the replies inside every bound, then those whose mean is
+    inside the mean-shift bound (their precision clipped), then all replies clipped; the last
+    tier always holds every reply.
+
+    A reply out of bounds at a coordinate is thus left out of that coordinate's average instead
+    of entering it clipped: a node out of bounds every round (a hostile one) cannot push the
+    global by the bound's reach round after round, while an honest reply with a stray coordinate
+    still counts everywhere else. The middle tier matters where honest replies are out of the
+    precision ratio too (round 1, where the global is the prior): there a hostile mean still
+    stays out. Leaving replies out at some coordinates is the update over a smaller subset A
+    there, which the rule allows (any non-empty A; see the module docstring).
+    """
+    precision, natural_mean = tiers[-1].precision / tiers[-1].count, \
+        tiers[-1].natural_mean / tiers[-1].count
+    for tier in reversed(tiers[:-1]):
+        some = np.asarray(tier.count) > 0
+        count = np.where(some, tier.count, 1)
+        precision = np.where(some, tier.precision / count, precision)
+        natural_mean = np.where(some, tier.natural_mean / count, natural_mean)
+    return precision, natural_mean
+
+
 def calibrated_precision(global_precision, dual_precision_sum, prior_precision, share: float):
     """The global precision on the data's scale, for the posterior a user samples from:
 
@@ -334,13 +377,15 @@ class BayesADMM(FederatedStrategy):
         # One reply at a time (memory does not grow with K), summed in reply order as
         # server_update and accumulate_duals would sum the lists.
         received_mean = np.zeros_like(self.mean) if self.at_prior else self.mean
-        duals, precision_sum, natural_mean_sum = self.duals, 0, 0
+        duals, tiers = self.duals, [ReplySums(), ReplySums(), ReplySums()]
         clipped_coords, clipped_nodes = 0, set()
         for reply in valid:
             arrays = reply.content.array_records
+            sent_mean = flatten(record_to_numpy(arrays[records.ARRAYS])).astype(np.float64)
+            sent_precision = flatten(record_to_numpy(arrays[records.PRECISION])).astype(np.float64)
             bounded = bound_reply(
-                flatten(record_to_numpy(arrays[records.ARRAYS])).astype(np.float64),
-                flatten(record_to_numpy(arrays[records.PRECISION])).astype(np.float64),
+                sent_mean,
+                sent_precision,
                 received_mean,
                 self.precision,
                 self.cfg.precision_ratio_bound,
@@ -357,7 +402,7 @@ class BayesADMM(FederatedStrategy):
                 clipped_coords += bounded.clipped_coords
                 clipped_nodes.add(node)
                 reason = f"node {node}: {bounded.clipped_coords} coordinate(s) out of bounds " \
-                    "clipped, dual increment not accepted"
+                    "left out of the average, dual increment not accepted"
                 self.last_round.reasons.append(reason)
                 log(WARNING, "Reply %s", reason)
             else:
@@ -366,11 +411,13 @@ class BayesADMM(FederatedStrategy):
                 )
                 duals = accumulate_duals(duals, [increment])
                 del increment
-            precision_sum = precision_sum + s
-            natural_mean_sum = natural_mean_sum + s * m
-            del m, s, bounded
+            mean_inside = m == sent_mean
+            tiers = [tiers[0].add(s, m, mean_inside & (s == sent_precision)),
+                     tiers[1].add(s, m, mean_inside), tiers[2].add(s, m)]
+            del m, s, bounded, sent_mean, sent_precision, mean_inside
+        average_precision, average_natural_mean = average_in_bounds(tiers)
         update = server_update_from_averages(
-            precision_sum / len(valid), natural_mean_sum / len(valid), duals.mean, duals.precision,
+            average_precision, average_natural_mean, duals.mean, duals.precision,
             self.cfg.admm_rho, self.prior_precision, max(self.num_clients, len(valid)),
         )
         # Keep exactly what goes on the wire (the model's dtype), so that the server and the

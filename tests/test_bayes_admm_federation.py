@@ -252,10 +252,12 @@ def _federation_with_a_hostile_round(overrides, attack_rounds, num_rounds=8):
 
 
 def test_a_pinning_reply_is_clipped_and_honest_rounds_pull_the_global_back():
-    """Against an honest twin run: after the attack round the global's distance to the twin's
-    shrinks every round (measured: mean 9.9 -> 1.2 relative distance, median precision ratio
-    3.1 -> 1.35 over 8 rounds). c = 10 also clips every honest reply of round 1, where the
-    global is the prior (the twin too); later honest rounds are never clipped."""
+    """Against an honest twin run: the pinning reply's out-of-bounds coordinates are left out of
+    the average, so the attack round moves the global little (measured: relative distance of
+    the mean 0.19, median precision ratio 1.0; when the clipped reply still entered the average,
+    9.9 and 3.1), and the distance shrinks after it (0.19 -> 0.029 over 8 rounds, then level at
+    the run-to-run noise). c = 10 also clips every honest reply of round 1, where the global is
+    the prior (the twin too); later honest rounds are never clipped."""
     # The IVON settings this was measured with (the defaults before issue 13): at the new
     # defaults' temperature 1e-3 honest replies move the precision by more than c = 10 a round.
     bound = {"precision-ratio-bound": 10.0, "temperature": 1.0, "hess-init": 0.1,
@@ -277,6 +279,7 @@ def test_a_pinning_reply_is_clipped_and_honest_rounds_pull_the_global_back():
             assert np.all(strategy.precision <= 10 * precision) and np.isfinite(strategy.mean).all()
         elif server_round > 2:
             assert metrics["clipped-replies"] == 0
-    assert all(later < earlier for earlier, later in zip(distances[1:], distances[2:]))
+    assert distances[1] < 0.5 and abs(ratios[1] - 1) < 0.01
+    assert all(later < 1.01 * earlier for earlier, later in zip(distances[1:], distances[2:]))
     assert distances[-1] < 0.25 * distances[1]
-    assert ratios[-1] - 1 < 0.5 * (ratios[1] - 1)
+    assert all(abs(ratio - 1) < 0.01 for ratio in ratios)

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The attack benchmark's --quick run (3 rounds): most accuracy points an attack may cost under
+# the recommended setting against the honest run with defaults.
+QUICK_MAX_COST = 10.0
 
 
 def _run_quick(script: str, out: Path) -> tuple[dict, str]:
@@ -104,3 +107,39 @@ def test_personalization_quick_reports_every_method_global_and_personal(tmp_path
         for run in entry["runs"]:
             if run["method"] != "local-only":  # every federation scored all its nodes
                 assert run["summary"]["nodes_with_personal_model"] == QUICK["nodes"]
+
+
+def test_attacks_quick_no_attack_crashes_and_the_recommended_setting_holds(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.attacks import DEFAULTS, HONEST, RECOMMENDED, attacks_for
+
+    results, table = _run_quick("attacks", tmp_path / "results")
+    summary = results["summary"]
+    assert set(summary) == {"fedavg", "bayes-admm"}
+    for strategy, by_defence in summary.items():
+        assert f"### {strategy}" in table
+        assert set(by_defence) == {DEFAULTS, RECOMMENDED}
+        for defence, by_attack in by_defence.items():
+            assert set(by_attack) == set(attacks_for(strategy)), (strategy, defence)
+            for attack, cell in by_attack.items():
+                # With defaults too: an attack may wreck the model but never crashes the run.
+                assert cell["completed"] and not cell["errors"], (strategy, defence, attack)
+                assert math.isfinite(cell["accuracy"]["mean"]), (strategy, defence, attack)
+        assert by_defence[DEFAULTS][HONEST]["accuracy"]["mean"] > 0.5, strategy
+    # The recommended setting holds every attack on FedAvg against the honest run with defaults.
+    fedavg = summary["fedavg"]
+    for attack, cell in fedavg[RECOMMENDED].items():
+        assert cell["cost_points"] <= QUICK_MAX_COST, (attack, cell)
+    # BayesADMM's hijacks are held by every setting, the defaults included (out-of-bounds
+    # coordinates are left out of the average), against the honest run with the same setting:
+    # the ratio bound itself slows round 1 (docs/BENCHMARKS.md, "Attacks"). Its bounds do not
+    # stop the attacks on the mean, so those are not asserted here.
+    for defence, by_attack in summary["bayes-admm"].items():
+        honest = by_attack[HONEST]["accuracy"]["mean"]
+        for attack in ("precision-hijack", "mean-hijack"):
+            cost = 100 * (honest - by_attack[attack]["accuracy"]["mean"])
+            assert cost <= QUICK_MAX_COST, (defence, attack, by_attack[attack])
+    # The attacks bite undefended: the inflated zero model takes FedAvg over (one class for all).
+    assert fedavg[DEFAULTS]["weight-inflation"]["accuracy"]["mean"] < 0.2
+    for run in results["runs"]:
+        assert [r["round"] for r in run["rounds"]] == list(range(1, results["rounds"] + 1))
