@@ -65,7 +65,10 @@ def train(msg: Message, context: Context) -> Message:
     try:
         with _state(msg, context) as state:
             round_, _ = _round(msg, context, state)
-            return Message(CLIENT_STEPS[round_.cfg.strategy](round_), reply_to=msg)
+            reply = CLIENT_STEPS[round_.cfg.strategy](round_)
+            if round_.codec_state:  # kept beside what the method saved (if anything)
+                state.save(state.load() | round_.codec_state, round_.server_round)
+            return Message(reply, reply_to=msg)
     except ClientStateError as err:
         return _refusal(msg, err)
 

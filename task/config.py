@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from task.codecs import CodecName
 from task.methods import METHODS
 
 StrategyName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
@@ -284,6 +285,22 @@ class RunConfig(BaseModel):
         description="a run folder (or its checkpoint.npz) to continue from its last completed "
         "round ([docs/RELIABILITY.md](docs/RELIABILITY.md))",
     )
+    # Compressed communication (docs/ALGORITHMS.md, "Compressed communication").
+    uplink_codec: CodecName = Field(
+        "fp32",
+        description="how nodes encode their replies: `fp32` (as is), `fp16`, `bf16`, `q8` "
+        "(8-bit stochastic rounding), `topk` (largest `topk-fraction`, error feedback)",
+    )
+    downlink_codec: CodecName = Field(
+        "fp32", description="how the server encodes the global it sends (same codecs)"
+    )
+    codec_chunk: Count = Field(256, ge=1, description="`q8`: values per scale")
+    topk_fraction: float = Field(0.01, gt=0, le=1, description="`topk`: share of values sent")
+    codec_reference: Literal["none", "shift"] = Field(
+        "shift",
+        description="compressed payloads: `shift` sends the difference to a reference both "
+        "sides hold (uplink: the global received; downlink: the previous global)",
+    )
 
     @field_validator("mlp_hidden")
     @classmethod
@@ -354,6 +371,21 @@ class RunConfig(BaseModel):
                 f"aggregation '{self.aggregation}' with krum-byzantine = {f} needs "
                 f"min-train-nodes >= 2f + 3 = {2 * f + 3}, got {n}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _topk_has_a_reference(self) -> "RunConfig":
+        # Top-k of the weights themselves zeroes 99% of the model; it sends changes only.
+        for key, codec, direction in (
+            ("uplink-codec", self.uplink_codec, "uplink"),
+            ("downlink-codec", self.downlink_codec, "downlink"),
+        ):
+            delta_already = direction == "uplink" and self.strategy == "fedpa"
+            if codec == "topk" and self.codec_reference != "shift" and not delta_already:
+                raise ValueError(
+                    f"'{key}' = 'topk' sends the largest changes to a reference: it needs "
+                    "'codec-reference' = 'shift'"
+                )
         return self
 
     @property
