@@ -23,7 +23,7 @@ from task.config import ConfigError, parse_run_config
 from task.data import data_spec
 from task.methods import METHODS
 from task.models import build_model
-from task.params import decode_array, flatten, model_to_record
+from task.params import decode_array, model_to_record
 from tests.conftest import reply
 
 SIZE, CHUNK = 10, 4  # a model of one 10-value tensor; q8 chunks of 4: 3 scales
