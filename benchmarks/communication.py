@@ -10,6 +10,8 @@ compared with the same method in fp32 (accuracy lost, bytes ratio) and with FedA
     python benchmarks/communication.py                  # 3 seeds, 50 rounds, every variant
     python benchmarks/communication.py --quick          # smoke run: 1 seed, 2 rounds, 4 variants
     python benchmarks/communication.py --variants fedavg/fp32 fedavg/q8 --seeds 0
+    python benchmarks/communication.py --from-json a/communication.json b/communication.json
+        # one report from the runs of earlier invocations (e.g. seeds run separately)
 
 Writes communication.md, communication.json and communication-<setting>.png (accuracy against
 cumulative MB) to --out (default benchmarks/results).
@@ -94,7 +96,8 @@ def _run(job: tuple[str, str, int, dict]) -> dict:
 def summarize(runs: list[dict]) -> dict[str, Any]:
     """Accuracy at the last round (window mean) and cumulative bytes, mean +- std over seeds."""
     last = runs[0]["rounds"][-1]["round"]
-    out = {"accuracy": mean_std([window_mean(r["rounds"], "accuracy", last) for r in runs])}
+    out = {"seeds": len(runs),
+           "accuracy": mean_std([window_mean(r["rounds"], "accuracy", last) for r in runs])}
     for key in ("bytes_up", "bytes_down"):
         out[key] = mean_std([float(sum(x[key] for x in r["rounds"])) for r in runs])
     out["bytes"] = mean_std([float(sum(x["bytes_up"] + x["bytes_down"] for x in r["rounds"]))
@@ -126,17 +129,19 @@ def compare(summary: dict[str, dict]) -> dict[str, dict]:
     return rows
 
 
-def markdown_table(setting: str, summary: dict, rows: dict, rounds: int, seeds: int) -> str:
+def markdown_table(setting: str, summary: dict, rows: dict, rounds: int) -> str:
     lines = [
-        f"### {setting}: accuracy at round {rounds} (mean of its last 3 rounds, {seeds} seed(s))",
+        f"### {setting}: accuracy at round {rounds} (mean of its last 3 rounds; mean ± std over "
+        "seeds)",
         "",
-        "| variant | accuracy % | lost vs fp32 (points) | total MB | bytes vs fp32 | uplink vs fp32 "
+        "| variant | seeds | accuracy % | lost vs fp32 (points) | total MB | bytes vs fp32 | uplink vs fp32 "
         "| bytes vs FedAvg fp32 | target | met |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, row in rows.items():
         acc = summary[variant]["accuracy"]
         cells = [
+            str(summary[variant]["seeds"]),
             f"{acc['mean'] * 100:.1f} ± {acc['std'] * 100:.1f}",
             _fmt(row.get("points_lost"), "+.2f"),
             f"{row['mb']:.2f}",
@@ -196,6 +201,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-mc-samples", type=int, help="BMA samples (default: the preset's)")
     parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
                         help="federations run at once, one process each")
+    parser.add_argument("--from-json", type=Path, nargs="+",
+                        help="re-render the report from the runs of saved communication.json files")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else {
         "rounds": 50, "seeds": [0, 1, 2], "mc": None, "variants": list(VARIANTS),
@@ -208,8 +215,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def saved_runs(paths: list[Path]) -> tuple[list[dict], dict]:
+    """The runs of saved communication.json files, and what they were run as."""
+    runs, meta = [], {"commands": [], "rounds": set(), "wall_seconds": 0.0}
+    for path in paths:
+        saved = json.loads(path.read_text())
+        meta["commands"].append(saved["command"])
+        meta["rounds"].add(saved["rounds"])
+        meta["wall_seconds"] += saved["wall_seconds"]
+        runs += [run for entry in saved["settings"].values()
+                 for variant_runs in entry["runs"].values() for run in variant_runs]
+    # A run saved twice (same setting, variant and seed) counts once: the later file's.
+    runs = list({(r["setting"], r["variant"], r["seed"]): r for r in runs}.values())
+    if len(meta["rounds"]) != 1:
+        raise SystemExit(f"--from-json: the files ran different numbers of rounds {meta['rounds']}")
+    return runs, meta
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        runs, meta = saved_runs(args.from_json)
+        args.rounds = meta["rounds"].pop()
+        args.settings = list(dict.fromkeys(r["setting"] for r in runs))
+        args.variants = list(dict.fromkeys(r["variant"] for r in runs))
+        args.seeds = sorted({r["seed"] for r in runs})
+        command = " + ".join(f"`{c}`" for c in meta["commands"])
+        return write_report(args, runs, command, meta["wall_seconds"])
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the worker processes
     started = time.perf_counter()
     jobs = [
@@ -227,11 +259,15 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             runs.append(run)
     command = "python benchmarks/communication.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    return write_report(args, runs, f"`{command.strip()}`", time.perf_counter() - started)
+
+
+def write_report(args: argparse.Namespace, runs: list[dict], command: str, wall: float) -> int:
+    """communication.md, communication.json and one plot per setting in `args.out`."""
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
-        "command": command.strip(), "rounds": args.rounds, "seeds": args.seeds,
-        "num_nodes": NUM_NODES, "machine": machine(),
-        "wall_seconds": time.perf_counter() - started, "settings": {},
+        "command": command, "rounds": args.rounds, "seeds": args.seeds,
+        "num_nodes": NUM_NODES, "machine": machine(), "wall_seconds": wall, "settings": {},
     }
     sections = []
     for setting in args.settings:
@@ -243,9 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         plot(setting, by_variant, png)
         results["settings"][setting] = {"data": DATA_SETTINGS[setting], "summary": summary,
                                         "comparison": rows, "plot": png.name, "runs": by_variant}
-        sections.append(markdown_table(setting, summary, rows, args.rounds, len(args.seeds))
+        sections.append(markdown_table(setting, summary, rows, args.rounds)
                         + f"\n\n![{setting}]({png.name})")
-    text = (f"# Accuracy against bytes\n\n`{results['command']}`: {NUM_NODES} clients, "
+    text = (f"# Accuracy against bytes\n\n{command}: {NUM_NODES} clients, "
             f"{args.rounds} rounds, seeds {args.seeds}; wall time "
             f"{results['wall_seconds'] / 60:.1f} min on {results['machine']}.\n\n"
             + "\n\n".join(sections) + "\n")
