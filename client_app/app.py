@@ -69,6 +69,8 @@ def train(msg: Message, context: Context) -> Message:
         with _state(msg, context) as state:
             round_, _ = _round(msg, context, state)
             reply = CLIENT_STEPS[round_.cfg.strategy](round_)
+            if round_.codec_state:  # kept beside what the method saved (if anything)
+                state.save(state.load() | round_.codec_state, round_.server_round)
             personal.after_train(round_, reply, msg, context)
             return Message(reply, reply_to=msg)
     except ClientStateError as err:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from client_app.compression import encode_reply
 from client_app.local import ClientRound
 from client_app.optimizers import build_optimizer
 from client_app.state import ClientStateError
@@ -25,7 +26,7 @@ from client_app.training import train_epochs
 from strategies.bayes_admm import client_dual_increment, cosine_lr
 from task import records
 from task.ivon_admm import IVONADMM
-from task.params import flatten, numpy_to_record, unflatten
+from task.params import flatten
 
 
 def round_lr(round_: ClientRound) -> float:
@@ -129,6 +130,11 @@ def train(round_: ClientRound) -> RecordDict:
         global_precision = np.ones_like(mean)
         optimizer_state = {}
 
+    # The increment from what the server decodes (a lossy codec changes it), as the server does.
+    sent, decoded = encode_reply(
+        round_, {records.ARRAYS: mean, records.PRECISION: precision}, shapes
+    )
+    mean, precision = decoded[records.ARRAYS], decoded[records.PRECISION]
     increment = client_dual_increment(
         global_mean, global_precision, mean, precision, cfg.admm_rho, cfg.dual_damping
     )
@@ -145,8 +151,8 @@ def train(round_: ClientRound) -> RecordDict:
     )
     return RecordDict(
         {
-            records.ARRAYS: numpy_to_record(unflatten(mean, shapes)),
-            records.PRECISION: numpy_to_record(unflatten(precision, shapes)),
+            records.ARRAYS: sent[records.ARRAYS],
+            records.PRECISION: sent[records.PRECISION],
             records.METRICS: MetricRecord(
                 {records.NUM_EXAMPLES: num_examples, "loss": loss, "lr": lr}
             ),

@@ -17,11 +17,12 @@ import torch
 from flwr.app import MetricRecord, RecordDict
 from torch import Tensor
 
+from client_app.compression import encode_reply
 from client_app.local import ClientRound
 from client_app.optimizers import build_optimizer
 from client_app.training import train_epochs
 from task import records
-from task.params import flatten, numpy_to_record, split_flat
+from task.params import flatten, split_flat
 
 
 class StreamingPosteriorDelta:
@@ -195,9 +196,10 @@ def train(round_: ClientRound) -> RecordDict:
     delta, weight = sanitize_delta(delta, len(round_.train))
     pieces = split_flat(delta, [p.shape for p in params])
     arrays = {name: piece.cpu().numpy() for name, piece in zip(names, pieces)}
+    sent, _ = encode_reply(round_, {records.ARRAYS: flatten(list(arrays.values()))}, arrays)
     return RecordDict(
         {
-            records.ARRAYS: numpy_to_record(arrays),
+            records.ARRAYS: sent[records.ARRAYS],
             records.METRICS: MetricRecord(
                 {
                     records.NUM_EXAMPLES: weight,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
 
@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
+from client_app.compression import received_arrays
 from client_app.state import STATE_DIR_KEY, ClientState
 from torch import nn
 
@@ -17,7 +18,7 @@ from task import records
 from task.config import RunConfig
 from task.data import ArrayData, DataSpec, check_fits, data_spec, node_train_data, split_train_val
 from task.models import build_model, resolve_device
-from task.params import load_arrays, record_to_numpy
+from task.params import load_arrays
 
 PARTITION_CACHE = "partitions"  # in a node's state-dir: its partitions of offline data sets
 
@@ -31,6 +32,9 @@ class ClientRound:
     spec: DataSpec
     device: torch.device
     seed: int  # distinct per node and round, fixed by the run's seed
+    # Arrays the codecs keep to the next round (client_app/compression.py); the train
+    # handler adds them to the node's state.
+    codec_state: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def config(self) -> ConfigRecord:
@@ -43,7 +47,9 @@ class ClientRound:
     @cached_property
     def received(self) -> dict[str, dict[str, np.ndarray]]:
         """The message's ArrayRecords as NumPy arrays, decoded once (decoding costs per call)."""
-        return {name: record_to_numpy(record) for name, record in self.content.array_records.items()}
+        model = _process_model(self.cfg, self.spec, self.device)
+        like = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        return received_arrays(self, like)
 
     def model_at(self, arrays_name: str = records.ARRAYS) -> nn.Module:
         """The shared model architecture holding the server's arrays, on this node's device.

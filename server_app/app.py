@@ -33,6 +33,21 @@ def payload_bytes(content: RecordDict) -> int:
     return sum(int(r.count_bytes()) for r in content.values())
 
 
+def fp32_payload_bytes(content: RecordDict, model_bytes: int) -> int:
+    """What `content` would take with every ArrayRecord sent as the model in float32 (each
+    carries one model-sized vector), for the compression ratio."""
+    arrays = content.array_records
+    return payload_bytes(content) - sum(int(r.count_bytes()) for r in arrays.values()) + len(
+        arrays
+    ) * model_bytes
+
+
+def compression_ratio(messages: list[Message], model_bytes: int) -> float | None:
+    """fp32 bytes over encoded bytes of the messages (None: nothing was sent)."""
+    sent = sum(payload_bytes(m.content) for m in messages)
+    return sum(fp32_payload_bytes(m.content, model_bytes) for m in messages) / sent if sent else None
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     try:
@@ -48,6 +63,7 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
     device = resolve_device(cfg.device)
     model = build_model(cfg, spec)
     arrays = model_to_record(model)
+    model_bytes = int(arrays.count_bytes())
     strategy: FederatedStrategy = STRATEGIES[cfg.strategy](cfg, arrays)
     # The run id names every artifact; the state key names the clients' lasting state.
     run_id, state_key, first_round = uuid.uuid4().hex, uuid.uuid4().hex, 1
@@ -85,6 +101,10 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
         started = time.perf_counter()
         train_msgs = list(strategy.configure_train(server_round, arrays, config, grid))
         replies = list(grid.send_and_receive(train_msgs, timeout=cfg.round_timeout))
+        # Counted as received: aggregating decodes compressed replies in place.
+        delivered = [m for m in replies if not m.has_error()]
+        bytes_up = sum(payload_bytes(m.content) for m in delivered)
+        compression_up = compression_ratio(delivered, model_bytes)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
@@ -107,7 +127,9 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
             "skipped": report.skipped,
             "problems": report.reasons,
             "bytes_down": sum(payload_bytes(m.content) for m in train_msgs),
-            "bytes_up": sum(payload_bytes(m.content) for m in replies if not m.has_error()),
+            "bytes_up": bytes_up,
+            "compression_down": compression_ratio(train_msgs, model_bytes),
+            "compression_up": compression_up,
             "eval_bytes_down": sum(payload_bytes(m.content) for m in eval_msgs),
             "eval_replies": strategy.last_evaluate.accepted,
             "eval_rejected": strategy.last_evaluate.rejected,

@@ -21,8 +21,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from task import records
+from task.compression import (
+    DOWNLINK, UPLINK, link_codec, pack, payload_seed, payloads, shifts, unpack,
+)
 from task.config import RunConfig
-from task.params import decode_array
+from task.params import decode_array, flatten, numpy_to_record, record_to_numpy, unflatten
 
 
 INT64_MAX = 2**63 - 1
@@ -54,6 +57,14 @@ class FederatedStrategy(Strategy):
         self.rng = random.Random(cfg.seed)
         self.last_round = RoundLog()
         self.last_evaluate = RoundLog()
+        self.like = record_to_numpy(initial_arrays)
+        self.size = sum(a.size for a in self.like.values())
+        self.uplink, self.downlink = link_codec(cfg, UPLINK), link_codec(cfg, DOWNLINK)
+        # The global as the nodes decoded it in the last round sent (flat, float64): the uplink
+        # references and the next downlink's; and the nodes known to hold it (they replied).
+        self.sent: dict[str, np.ndarray] = {}
+        self.sent_round = 0
+        self.holders: set[int] = set()
 
     # ------------------------------------------------------------------ sampling and messages
 
@@ -87,6 +98,46 @@ class FederatedStrategy(Strategy):
             for node, content in contents.items()
         ]
 
+    def train_contents(
+        self,
+        server_round: int,
+        vectors: Mapping[str, np.ndarray],
+        configs: Mapping[int, ConfigRecord],
+    ) -> dict[int, RecordDict]:
+        """One RecordDict per node (the keys of `configs`) carrying the flat `vectors` (by record
+        name) in the downlink codec; `self.sent` then holds them as every node decodes them.
+
+        With `codec-reference = "shift"` the nodes that replied last round hold its global and
+        get the difference to it; the others (and everyone in a first round) get the decoded
+        global itself in the model's dtype, so all nodes start from the same values. A
+        compressed message says so, and names its reference round, in DOWNLINK_REFERENCE.
+        """
+        codec, table = self.downlink, payloads(self.cfg.strategy, DOWNLINK)
+        shift = shifts(self.cfg, codec)
+        packed: dict[str, Any] = {}
+        sent = {}
+        for name, vector in vectors.items():
+            if codec.name == "fp32" or (shift and not self.sent):
+                sent[name] = vector
+                continue
+            reference = self.sent[name] if shift and table[name].shifted else None
+            seed = payload_seed(self.cfg.seed, server_round, DOWNLINK, name)
+            packed[name], sent[name], _ = pack(vector, reference, table[name], codec, seed)
+        with np.errstate(over="ignore"):  # a value beyond float32: the receivers' checks say so
+            sent = {name: unflatten(vector, self.like) for name, vector in sent.items()}
+        dense = {name: numpy_to_record(arrays) for name, arrays in sent.items()}
+        compressed_to = (self.holders if shift else set(configs)) if packed else set()
+        contents = {}
+        for node, config in configs.items():
+            arrays = dense
+            if node in compressed_to:
+                arrays = packed
+                config[records.DOWNLINK_REFERENCE] = self.sent_round if shift else 0
+            contents[node] = RecordDict({**arrays, records.CONFIG: config})
+        self.sent = {name: flatten(arrays).astype(np.float64) for name, arrays in sent.items()}
+        self.sent_round, self.holders = server_round, set()
+        return contents
+
     def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         out = ConfigRecord(dict(config))
         out[records.SERVER_ROUND] = server_round
@@ -111,7 +162,11 @@ class FederatedStrategy(Strategy):
         valid = []
         seen: set[int] = set()
         for reply in replies:
-            reason = self._problem(reply, expected_arrays, positive, self.dtypes)
+            if not reply.has_error():  # it saved the global it was sent (a downlink reference)
+                self.holders.add(reply.metadata.src_node_id)
+            reason = self._unpack(reply, expected_arrays)
+            if reason is None:
+                reason = self._problem(reply, expected_arrays, positive, self.dtypes)
             if reply.metadata.src_node_id in seen:  # a duplicate would count one client twice
                 reason = "a second reply from this node in the same round"
             seen.add(reply.metadata.src_node_id)
@@ -127,6 +182,26 @@ class FederatedStrategy(Strategy):
         log_.accepted = len(valid)
         self.last_round = log_
         return valid
+
+    def _unpack(self, reply: Message, expected: Mapping[str, Any]) -> str | None:
+        """Replace a reply's compressed records by the model's arrays they stand for; why one
+        cannot be decoded (checked before decoding allocates), or None."""
+        if self.uplink.name == "fp32" or reply.has_error():
+            return None
+        table = payloads(self.cfg.strategy, UPLINK)
+        content = reply.content
+        for name in expected:
+            if name not in table or name not in content.array_records:
+                continue  # a missing record: `_problem` names it
+            payload = table[name]
+            reference = self.sent[name] if shifts(self.cfg, self.uplink) and payload.shifted else None
+            try:
+                vector = unpack(content.array_records[name], reference, payload, self.uplink, self.size)
+            except ValueError as error:
+                return f"'{name}' payload rejected: {error}"
+            with np.errstate(over="ignore"):  # a value beyond float32: `_problem` rejects it
+                content[name] = numpy_to_record(unflatten(vector, self.like))
+        return None
 
     @staticmethod
     def _problem(

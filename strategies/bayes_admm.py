@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -262,7 +262,6 @@ class BayesADMM(FederatedStrategy):
 
     def __init__(self, cfg: RunConfig, initial_arrays: ArrayRecord) -> None:
         super().__init__(cfg, initial_arrays)
-        self.like = record_to_numpy(initial_arrays)
         self.initial_weights = initial_arrays
         size = sum(a.size for a in self.like.values())
         # The isotropic variant fixes every covariance to the identity (prior included).
@@ -346,8 +345,7 @@ class BayesADMM(FederatedStrategy):
         nodes = self.sample_nodes(grid, self.cfg.fraction_train, self.cfg.min_train_nodes)
         # K counts every node that has taken part or could: absent nodes keep their duals.
         self.num_clients = max(self.num_clients, len(list(grid.get_node_ids())))
-        mean, precision = self.global_records()
-        contents = {}
+        configs = {}
         for node in nodes:
             node_config = self.round_config(server_round, config)
             node_config[records.AT_PRIOR] = self.at_prior
@@ -357,9 +355,16 @@ class BayesADMM(FederatedStrategy):
                 accepted = self.accepted_by_client()
                 node_config[records.ACCEPTED_CLIENTS] = list(accepted)
                 node_config[records.ACCEPTED_ROUNDS] = list(accepted.values())
-            contents[node] = RecordDict(
-                {records.ARRAYS: mean, records.PRECISION: precision, records.CONFIG: node_config}
-            )
+            configs[node] = node_config
+        # While at the prior the clients start from the shared initial weights, not from 0.
+        mean = flatten(self.like).astype(np.float64) if self.at_prior else self.mean
+        contents = self.train_contents(
+            server_round, {records.ARRAYS: mean, records.PRECISION: self.precision}, configs
+        )
+        # The global as the nodes decoded it: both sides compute the dual increments from it.
+        if not self.at_prior:
+            self.mean = self.sent[records.ARRAYS]
+        self.precision = self.sent[records.PRECISION]
         return self.messages(contents, MessageType.TRAIN, server_round)
 
     def aggregate_train(

@@ -17,14 +17,14 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 
 from strategies.base import FederatedStrategy, weighted_metrics
 from task import records
 from strategies.robust import adapt_clip_norm, cap_weights, clip_update, combiner
 from task.config import RunConfig
-from task.params import decode_array, numpy_to_record
+from task.params import decode_array, flatten, numpy_to_record, split_flat
 
 Arrays = list[np.ndarray]
 
@@ -176,12 +176,16 @@ class FedAvg(FederatedStrategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.params = [decode_array(arrays[k]) for k in self.keys]
         nodes = self.sample_nodes(grid, self.cfg.fraction_train, self.cfg.min_train_nodes)
-        content = RecordDict(
-            {records.ARRAYS: arrays, records.CONFIG: self.round_config(server_round, config)}
+        contents = self.train_contents(
+            server_round,
+            {records.ARRAYS: flatten([decode_array(arrays[k]) for k in self.keys])},
+            {n: self.round_config(server_round, config) for n in nodes},
         )
-        return self.messages({n: content for n in nodes}, MessageType.TRAIN, server_round)
+        # The weights as the nodes decoded them: their deltas are displacements from these.
+        self.params = split_flat(self.sent[records.ARRAYS], [self.shapes[k] for k in self.keys])
+        self.params = [p.astype(self.dtypes[k]) for k, p in zip(self.keys, self.params)]
+        return self.messages(contents, MessageType.TRAIN, server_round)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from task.codecs import CodecName
 from task.methods import METHODS
 
 StrategyName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
@@ -321,6 +322,22 @@ class RunConfig(BaseModel):
         description="evaluate personal models on the nodes' test splits every this many "
         "rounds (and in the last)",
     )
+    # Compressed communication (docs/ALGORITHMS.md, "Compressed communication").
+    uplink_codec: CodecName = Field(
+        "fp32",
+        description="how nodes encode their replies: `fp32` (as is), `fp16`, `bf16`, `q8` "
+        "(8-bit stochastic rounding), `topk` (largest `topk-fraction`, error feedback)",
+    )
+    downlink_codec: CodecName = Field(
+        "fp32", description="how the server encodes the global it sends (same codecs)"
+    )
+    codec_chunk: Count = Field(256, ge=1, description="`q8`: values per scale")
+    topk_fraction: float = Field(0.01, gt=0, le=1, description="`topk`: share of values sent")
+    codec_reference: Literal["none", "shift"] = Field(
+        "shift",
+        description="compressed payloads: `shift` sends the difference to a reference both "
+        "sides hold (uplink: the global received; downlink: the previous global)",
+    )
 
     @field_validator("mlp_hidden")
     @classmethod
@@ -402,6 +419,11 @@ class RunConfig(BaseModel):
                 "personalize 'posterior' needs a client that reports its Gaussian posterior: "
                 "strategy 'bayes-admm' with posterior 'diagonal' (optimizer 'ivon')"
             )
+        if self.personalize == "posterior" and self.uplink_codec != "fp32":
+            raise ValueError(
+                "personalize 'posterior' interpolates the local posterior as trained, before "
+                f"encoding: it needs uplink-codec 'fp32', got '{self.uplink_codec}'"
+            )
         if self.personalize in ("finetune", "ditto") and self.optimizer != "sgd":
             raise ValueError(
                 f"personalize '{self.personalize}' trains the personal model with SGD: it needs "
@@ -418,6 +440,21 @@ class RunConfig(BaseModel):
     def personal_lambda_is_auto(self) -> bool:
         """A node picks lambda itself: `personalize = posterior` with `personal-weight = auto`."""
         return self.personalize == "posterior" and self.personal_weight == "auto"
+
+    @model_validator(mode="after")
+    def _topk_has_a_reference(self) -> "RunConfig":
+        # Top-k of the weights themselves zeroes 99% of the model; it sends changes only.
+        for key, codec, direction in (
+            ("uplink-codec", self.uplink_codec, "uplink"),
+            ("downlink-codec", self.downlink_codec, "downlink"),
+        ):
+            delta_already = direction == "uplink" and self.strategy == "fedpa"
+            if codec == "topk" and self.codec_reference != "shift" and not delta_already:
+                raise ValueError(
+                    f"'{key}' = 'topk' sends the largest changes to a reference: it needs "
+                    "'codec-reference' = 'shift'"
+                )
+        return self
 
     @property
     def local_lr(self) -> float:

@@ -34,22 +34,42 @@ def encode_array(ndarray: np.ndarray) -> Array:
     )
 
 
-def decode_array(array: Array) -> np.ndarray:
+def decode_array(
+    array: Array, dtype: np.dtype | None = None, shape: tuple[int, ...] | None = None
+) -> np.ndarray:
     """`array.numpy()`: a new writable array; ValueError if the Array is not a plain .npy array
-    (its bytes come from another node and may be anything)."""
+    (its bytes come from another node and may be anything), or, when `dtype` or `shape` is
+    given, if its header declares another, checked before anything is copied."""
     data = array.data
     if array.stype == SType.NUMPY and data[:8] == _NPY_V1_MAGIC and len(data) >= 10:
         end = 10 + int.from_bytes(data[8:10], "little")
         layout = _npy_v1_layout(bytes(data[:end]))
         if layout is not None:
-            dtype, shape, count = layout
-            if len(data) == end + count * dtype.itemsize:
-                return np.frombuffer(data, dtype, count, end).reshape(shape).copy()
+            _check_expected(layout[0], layout[1], dtype, shape)
+            found, found_shape, count = layout
+            if len(data) == end + count * found.itemsize:
+                return np.frombuffer(data, found, count, end).reshape(found_shape).copy()
+            if dtype is not None or shape is not None:
+                raise ValueError(
+                    f"header declares shape {found_shape} of {found}, {count * found.itemsize} "
+                    f"bytes, but {len(data) - end} bytes follow"
+                )
+    if dtype is not None or shape is not None:  # an expected layout comes in the plain format only
+        raise ValueError("not a plain .npy array (format 1.0, C order)")
     _check_declared_size(data)
     try:  # anything unusual: numpy's own reader, and its verdict
         return array.numpy()
     except Exception as error:
         raise ValueError(f"not a readable numpy array ({type(error).__name__}: {error})") from error
+
+
+def _check_expected(
+    dtype: np.dtype, shape: tuple[int, ...], want_dtype: np.dtype | None, want_shape: tuple | None
+) -> None:
+    if want_dtype is not None and dtype != np.dtype(want_dtype):
+        raise ValueError(f"has dtype {dtype}, expected {np.dtype(want_dtype)}")
+    if want_shape is not None and tuple(shape) != tuple(want_shape):
+        raise ValueError(f"has shape {tuple(shape)}, expected {tuple(want_shape)}")
 
 
 def _check_declared_size(data: bytes) -> None:

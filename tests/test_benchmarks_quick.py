@@ -143,3 +143,26 @@ def test_attacks_quick_no_attack_crashes_and_the_recommended_setting_holds(tmp_p
     assert fedavg[DEFAULTS]["weight-inflation"]["accuracy"]["mean"] < 0.2
     for run in results["runs"]:
         assert [r["round"] for r in run["rounds"]] == list(range(1, results["rounds"] + 1))
+
+
+def test_communication_quick_compares_every_variant_with_its_fp32(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.communication import QUICK, SETTINGS, TARGETS
+
+    out = tmp_path / "results"
+    results, table = _run_quick("communication", out)
+    assert set(results["settings"]) == set(SETTINGS)
+    for setting, entry in results["settings"].items():
+        assert (out / entry["plot"]).stat().st_size > 0
+        assert set(entry["comparison"]) == set(QUICK["variants"])
+        for variant, row in entry["comparison"].items():
+            assert f"| {variant} |" in table
+            assert 0 < row["accuracy"] <= 1 and row["mb"] > 0, variant
+            assert [r["round"] for r in entry["runs"][variant][0]["rounds"]] == [1, 2]
+            if variant.endswith("/fp32"):
+                assert row["bytes_ratio"] == 1 and row["points_lost"] == 0, variant
+            else:  # q8 sends about a quarter of fp32's bytes up, every round
+                assert row["uplink_ratio"] < 0.3, (variant, row)
+            assert ("met" in row) == (variant in TARGETS), variant
+        # BayesADMM sends a mean and a precision: twice FedAvg's bytes in fp32.
+        assert entry["comparison"]["bayes-admm/fp32"]["vs_fedavg_fp32"] > 1.9

@@ -39,6 +39,10 @@ ENVIRONMENTS = {
 NUM_NODES = 3
 # The strategy whose clients keep state (duals) between rounds; the restart test checks it.
 STATEFUL_STRATEGY = "bayes-admm"
+# The compressed run of the strategy runs: BayesADMM with q8 both ways, differences to the
+# shared reference (task/compression.py).
+COMPRESSED_RUN = "bayes-admm-q8"
+COMPRESSED = {"uplink-codec": "q8", "downlink-codec": "q8", "codec-reference": "shift"}
 SHORT_RUN = {"dataset": "digits", "model": "logreg", "local-epochs": 1, "fraction-evaluate": 0.0,
              "seed": 0}
 
@@ -134,23 +138,25 @@ def test_superlink_serves_tls_with_the_generated_certificate(federation):
 
 @pytest.fixture(scope="module")
 def strategy_runs(federation, tmp_path_factory):
-    """A short run of every registered strategy, all submitted at once: the SuperLink runs them
-    side by side and every node serves all of them, so one run's polling and start-up waits
-    overlap the others' work. Maps strategy -> (run id, output dir, final status)."""
+    """A short run of every registered strategy, and a compressed BayesADMM run, all submitted at
+    once: the SuperLink runs them side by side and every node serves all of them, so one run's
+    polling and start-up waits overlap the others' work. Maps strategy (or COMPRESSED_RUN) ->
+    (run id, output dir, final status)."""
     submitted = {}
-    for strategy in sorted(METHODS):
-        out = tmp_path_factory.mktemp(f"run-{strategy}") / "out"
+    for name in [*sorted(METHODS), COMPRESSED_RUN]:
+        strategy, codecs = (STATEFUL_STRATEGY, COMPRESSED) if name == COMPRESSED_RUN else (name, {})
+        out = tmp_path_factory.mktemp(f"run-{name}") / "out"
         run_id = submit(
             federation,
             short_run(
                 strategy, **{"num-server-rounds": 2, "min-train-nodes": NUM_NODES,
-                             "round-timeout": 300, "output-dir": str(out)}
+                             "round-timeout": 300, "output-dir": str(out), **codecs}
             ),
         )
-        submitted[strategy] = (run_id, out)
+        submitted[name] = (run_id, out)
     return {
-        strategy: (run_id, out, wait_finished(federation, run_id, out, timeout=420))
-        for strategy, (run_id, out) in submitted.items()
+        name: (run_id, out, wait_finished(federation, run_id, out, timeout=420))
+        for name, (run_id, out) in submitted.items()
     }
 
 
@@ -167,6 +173,21 @@ def test_strategy_completes_a_short_run(federation, strategy_runs, strategy):
     if strategy == "fedpa":  # round 2 took the posterior-sampling path, not FedAvg's
         assert results["rounds"][1]["train_fedpa_samples"] == 2, results["rounds"][1]
     assert (out / "model.npz").exists() and f"Results: {out}" in logs
+
+
+def test_compressed_bayes_admm_run_completes_over_real_nodes(federation, strategy_runs):
+    """q8 both ways with the shift: round 1 sends the global in full, round 2 the difference to
+    round 1's, which each node's ClientApp (a fresh process) reads back from its state file."""
+    run_id, out, status = strategy_runs[COMPRESSED_RUN]
+    assert status == "finished:completed", run_logs(federation, run_id)
+    rounds = json.loads((out / "results.json").read_text())["rounds"]
+    _, fp32_out, _ = strategy_runs[STATEFUL_STRATEGY]
+    fp32_rounds = json.loads((fp32_out / "results.json").read_text())["rounds"]
+    for entry, fp32 in zip(rounds, fp32_rounds):
+        assert entry["replies"] == NUM_NODES and not entry["problems"], entry
+        assert entry["compression_up"] > 2 and entry["bytes_up"] < fp32["bytes_up"] / 2
+    assert rounds[0]["compression_down"] == 1.0 and rounds[1]["compression_down"] > 2
+    assert abs(rounds[1]["accuracy"] - fp32_rounds[1]["accuracy"]) < 0.1
 
 
 @pytest.fixture(scope="module")
