@@ -12,15 +12,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_quick(script: str, out: Path, *args: str) -> tuple[dict, str]:
-    """Run benchmarks/<script>.py --quick into `out`; its JSON results and markdown table."""
+def _run_quick(script: str, out: Path, *args: str, stem: str = "") -> tuple[dict, str]:
+    """Run benchmarks/<script>.py --quick into `out`; its JSON results and markdown table
+    (`<stem>.json` and `<stem>.md`, the stem being the script's name unless given)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, f"benchmarks/{script}.py", "--quick", "--out", str(out), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,  # a hang guard only
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads((out / f"{script}.json").read_text()), (out / f"{script}.md").read_text()
+    stem = stem or script
+    return json.loads((out / f"{stem}.json").read_text()), (out / f"{stem}.md").read_text()
 
 
 def test_heterogeneity_quick_writes_every_method_and_setting(tmp_path):
@@ -80,7 +82,7 @@ def test_tuning_quick_scores_every_candidate_and_writes_valid_presets(tmp_path):
 
     out = tmp_path / "results"
     methods = ["fedavg", "admm"]
-    results, table = _run_quick("tune", out, "--methods", *methods)
+    results, table = _run_quick("tune", out, "--methods", *methods, stem="tuning")
     assert (results["setting"], results["seed"], results["val_fraction"]) == (
         SETTING, SEED, VAL_FRACTION)
     assert set(results["methods"]) == set(methods)
