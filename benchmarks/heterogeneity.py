@@ -1,16 +1,22 @@
-"""Accuracy under heterogeneity: FedAvg (SGD), FedAvg with an IVON client, FedPA and BayesADMM
-on offline data sets with strong label skew.
+"""Accuracy under heterogeneity: FedAvg (SGD), FedAvg with an IVON client, FedPA, BayesADMM
+(diagonal) and classic federated ADMM (BayesADMM's isotropic variant with SGD) on offline data
+sets with strong label skew.
 
-Every method runs with its tuned digits preset (`presets/<method>-digits.toml`, the one source of
-truth for its hyperparameters); a setting replaces only the data keys (data set, partitioner,
-its skew), the number of rounds and the seed. Each run is a real federation in one process
+Every method runs with its preset for the data set (the one source of truth for its
+hyperparameters): on digits and Synthetic the hand-tuned `presets/<method>-digits.toml`, on
+MNIST-1D `presets/<method>-mnist1d.toml`, chosen by `benchmarks/tune.py` with the same grid size
+for every method on a validation split of the training pool. A setting replaces only the data
+keys (data set, partitioner, its skew, the number of nodes and the share sampled per round), the
+number of rounds and the seed. Each run is a real federation in one process
 (`benchmarks.inprocess.simulate`: the ServerApp loop, the strategies and the ClientApp handlers).
 
-Reported as in the BayesADMM paper: at rounds 10, 25 and 50, the mean of rounds r-2..r of the
-server-side test metrics, then mean +- std over seeds. Mean prediction for every method, and
-Bayesian model averaging (BMA) for BayesADMM, the one method with a global posterior.
+Reported as in the BayesADMM paper: at rounds 10, 25, 50 and 100, the mean of rounds r-2..r of
+the server-side test metrics (accuracy, NLL, ECE, Brier), then mean +- std over seeds, and the
+first round whose 3-round mean reaches the setting's target accuracy. Mean prediction for every
+method, and Bayesian model averaging (BMA) for the diagonal BayesADMM, the one method with a
+fitted global posterior.
 
-    python benchmarks/heterogeneity.py                 # the full benchmark (3 seeds, 50 rounds)
+    python benchmarks/heterogeneity.py                 # the full benchmark (3 seeds, 100 rounds)
     python benchmarks/heterogeneity.py --quick         # smoke run: 1 seed, 4 rounds, 2 settings
     python benchmarks/heterogeneity.py --settings digits-patho2 --methods fedavg bayes-admm
     python benchmarks/heterogeneity.py --from-json benchmarks/results/heterogeneity.json  # re-plot
@@ -42,7 +48,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 PRESETS = ROOT / "presets"
 NUM_NODES = 10
-REPORT_ROUNDS = (10, 25, 50)
+REPORT_ROUNDS = (10, 25, 50, 100)
 WINDOW = 3  # rounds averaged at each reported round: r-2, r-1, r
 
 # Keys a setting decides; every other key comes from the method's preset.
@@ -55,10 +61,28 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "dataset": "synthetic", "synthetic-alpha": 1.0, "synthetic-beta": 1.0,
         "partitioner": "dirichlet", "dirichlet-alpha": 0.5,
     },
+    # MNIST-1D: 5,000 signals (4,000 to train) over 10 nodes, all in every round ...
+    "mnist1d-dir0.1": {"dataset": "mnist1d", "partitioner": "dirichlet", "dirichlet-alpha": 0.1},
+    "mnist1d-patho2": {
+        "dataset": "mnist1d", "partitioner": "pathological", "classes-per-client": 2,
+    },
+    # ... and 50,000 over 100 nodes (400 each, as above), 10 of them sampled per round.
+    "mnist1d-dir0.1-k100": {
+        "dataset": "mnist1d", "mnist1d-samples": 50_000, "partitioner": "dirichlet",
+        "dirichlet-alpha": 0.1, "fraction-train": 0.1,
+    },
+    "mnist1d-patho2-k100": {
+        "dataset": "mnist1d", "mnist1d-samples": 50_000, "partitioner": "pathological",
+        "classes-per-client": 2, "fraction-train": 0.1,
+    },
 }
+SETTING_NODES = {"mnist1d-dir0.1-k100": 100, "mnist1d-patho2-k100": 100}  # others: NUM_NODES
+# Rounds-to-target: the first round whose 3-round mean test accuracy reaches this.
+TARGET_ACCURACY = {"digits": 0.90, "synthetic": 0.70, "mnist1d": 0.70}
 SETTING_KEYS = {
     "dataset", "synthetic-alpha", "synthetic-beta", "partitioner", "dirichlet-alpha",
-    "classes-per-client", "num-server-rounds", "seed", "output-dir",
+    "classes-per-client", "num-server-rounds", "seed", "output-dir", "mnist1d-samples",
+    "fraction-train", "server-val-fraction",
 }
 
 # FedAvg with an IVON client has no preset of its own: the FedAvg preset (server step, local
@@ -67,25 +91,31 @@ SETTING_KEYS = {
 # created afresh every round (ess = N / temperature).
 IVON_KEYS = ("optimizer", "lr", "hess-init", "beta2", "temperature", "prior-precision", "mc-samples")
 
-# name -> (preset file, preset whose IVON_KEYS replace the first one's, or None)
+# name -> (digits preset file, preset whose IVON_KEYS replace the first one's, or None). On
+# MNIST-1D every method has its own tuned preset, `<name>-mnist1d.toml`.
 METHODS: dict[str, tuple[str, str | None]] = {
     "fedavg": ("fedavg-digits.toml", None),
     "fedavg-ivon": ("fedavg-digits.toml", "bayes-admm-digits.toml"),
     "fedpa": ("fedpa-digits.toml", None),
     "bayes-admm": ("bayes-admm-digits.toml", None),
+    "admm": ("admm-digits.toml", None),
 }
+TUNED_DATASETS = ("mnist1d",)
 
-METRICS = ("accuracy", "nll", "ece")
-QUICK = {"rounds": 4, "seeds": [0], "settings": ["digits-patho2", "synthetic-1-1"], "mc": 4}
+METRICS = ("accuracy", "nll", "ece", "brier")
+QUICK = {"rounds": 4, "seeds": [0], "settings": ["digits-patho2", "mnist1d-patho2"], "mc": 4}
 
 
-def method_config(method: str) -> dict[str, Any]:
-    """The method's preset(s) with the setting keys removed."""
-    preset_file, ivon_file = METHODS[method]
-    config = _preset(preset_file)
-    if ivon_file is not None:
-        ivon = _preset(ivon_file)
-        config |= {k: ivon[k] for k in IVON_KEYS if k in ivon}
+def method_config(method: str, dataset: str = "digits") -> dict[str, Any]:
+    """The method's preset(s) for `dataset` with the setting keys removed."""
+    if dataset in TUNED_DATASETS:
+        config = _preset(f"{method}-{dataset}.toml")
+    else:
+        preset_file, ivon_file = METHODS[method]
+        config = _preset(preset_file)
+        if ivon_file is not None:
+            ivon = _preset(ivon_file)
+            config |= {k: ivon[k] for k in IVON_KEYS if k in ivon}
     return {k: v for k, v in config.items() if k not in SETTING_KEYS}
 
 
@@ -93,8 +123,12 @@ def _preset(name: str) -> dict[str, Any]:
     return tomllib.loads((PRESETS / name).read_text())
 
 
+def num_nodes(setting: str) -> int:
+    return SETTING_NODES.get(setting, NUM_NODES)
+
+
 def run_overrides(method: str, setting: str, seed: int, rounds: int, mc: int | None) -> dict:
-    overrides = method_config(method) | SETTINGS[setting]
+    overrides = method_config(method, SETTINGS[setting]["dataset"]) | SETTINGS[setting]
     overrides |= {"num-server-rounds": rounds, "seed": seed, "fraction-evaluate": 0.0}
     if mc is not None:
         overrides["eval-mc-samples"] = mc
@@ -105,7 +139,8 @@ def run_overrides(method: str, setting: str, seed: int, rounds: int, mc: int | N
 
 
 def _run(job: tuple[str, str, int, dict]) -> dict:
-    """One federation (in a worker process); returns its per-round server metrics."""
+    """One federation (in a worker process); returns its per-round server metrics, its wall
+    time and the CPU time of its process (the machine may be shared: CPU time extrapolates)."""
     import torch
 
     torch.set_num_threads(1)
@@ -113,9 +148,9 @@ def _run(job: tuple[str, str, int, dict]) -> dict:
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     method, setting, seed, overrides = job
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory() as folder:
-        outputs = simulate({**overrides, "output-dir": folder}, NUM_NODES)
+        outputs = simulate({**overrides, "output-dir": folder}, num_nodes(setting))
     keep = [*METRICS, *(f"bma_{m}" for m in METRICS)]
     rounds = [
         {"round": r["round"], **{k: float(r[k]) for k in keep if k in r}}
@@ -123,7 +158,8 @@ def _run(job: tuple[str, str, int, dict]) -> dict:
     ]
     return {
         "method": method, "setting": setting, "seed": seed, "overrides": overrides,
-        "seconds": time.perf_counter() - started, "rounds": rounds,
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started, "rounds": rounds,
     }
 
 
@@ -149,8 +185,16 @@ def predictions(runs: list[dict]) -> list[str]:
     return ["", "bma_"] if "bma_accuracy" in runs[0]["rounds"][-1] else [""]
 
 
-def summarize(runs: list[dict], at: list[int]) -> dict:
-    """{prediction: {round: {metric: {mean, std}}}} over the seeds in `runs`."""
+def rounds_to_target(rounds: list[dict], key: str, target: float) -> int | None:
+    """The first round whose window mean of `key` reaches `target`, or None."""
+    return next(
+        (r["round"] for r in rounds if window_mean(rounds, key, r["round"]) >= target), None
+    )
+
+
+def summarize(runs: list[dict], at: list[int], target: float) -> dict:
+    """{prediction: {round: {metric: {mean, std}}, "to_target": [round or None per seed]}}
+    over the seeds in `runs`."""
     table = {}
     for prefix in predictions(runs):
         label = "bma" if prefix else "mean"
@@ -161,6 +205,9 @@ def summarize(runs: list[dict], at: list[int]) -> dict:
             }
             for r in at
         }
+        table[label]["to_target"] = [
+            rounds_to_target(run["rounds"], prefix + "accuracy", target) for run in runs
+        ]
     return table
 
 
@@ -176,12 +223,24 @@ def curve(runs: list[dict], key: str) -> tuple[list[int], list[float], list[floa
     )
 
 
+def setting_target(setting: str) -> float:
+    return TARGET_ACCURACY[SETTINGS[setting]["dataset"]]
+
+
 def markdown_table(setting: str, summary: dict[str, dict], at: list[int], seeds: int) -> str:
-    head = ["method"] + [f"{m} @{r}" for r in at for m in ("acc %", "NLL", "ECE")]
+    """Accuracy at every reported round; NLL, ECE and Brier at the last; rounds to target."""
+    last = at[-1]
+    target = setting_target(setting)
+    head = (["method"] + [f"acc % @{r}" for r in at]
+            + [f"{m} @{last}" for m in ("NLL", "ECE", "Brier")]
+            + [f"rounds to {target:.0%} (per seed)"])
     lines = [
         f"### {setting}",
         "",
-        f"Mean +- std over {seeds} seed(s) of the mean of rounds r-{WINDOW - 1}..r.",
+        f"{num_nodes(setting)} clients; "
+        + ", ".join(f"{k} = {v}" for k, v in SETTINGS[setting].items())
+        + f". Mean +- std over {seeds} seed(s) "
+        f"of the mean of rounds r-{WINDOW - 1}..r.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -189,12 +248,13 @@ def markdown_table(setting: str, summary: dict[str, dict], at: list[int], seeds:
     for method, table in summary.items():
         for label, by_round in table.items():
             name = method if label == "mean" else f"{method} (BMA)"
+            stats = [(r, "accuracy") for r in at] + [(last, m) for m in METRICS[1:]]
             cells = [name]
-            for r in at:
-                for m in METRICS:
-                    s = by_round[str(r)][m]
-                    scale, digits = (100, 1) if m == "accuracy" else (1, 3)
-                    cells.append(f"{s['mean'] * scale:.{digits}f} ± {s['std'] * scale:.{digits}f}")
+            for r, m in stats:
+                s = by_round[str(r)][m]
+                scale, digits = (100, 1) if m == "accuracy" else (1, 3)
+                cells.append(f"{s['mean'] * scale:.{digits}f} ± {s['std'] * scale:.{digits}f}")
+            cells.append(", ".join("–" if r is None else str(r) for r in by_round["to_target"]))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -224,7 +284,8 @@ def plot(setting: str, by_method: dict[str, list[dict]], path: Path) -> None:
             ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     seeds = len(next(iter(by_method.values())))
-    fig.suptitle(f"{setting}: {NUM_NODES} clients, mean (band: min to max) over {seeds} seed(s)")
+    fig.suptitle(f"{setting}: {num_nodes(setting)} clients, mean (band: min to max) over "
+                 f"{seeds} seed(s)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -283,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         for run in pool.map(_run, jobs):
             last = run["rounds"][-1]
             print(f"  {run['setting']:14s} {run['method']:12s} seed {run['seed']}: "
-                  f"acc {last['accuracy']:.4f} nll {last['nll']:.4f} ({run['seconds']:.0f} s)",
-                  flush=True)
+                  f"acc {last['accuracy']:.4f} nll {last['nll']:.4f} ({run['seconds']:.0f} s, "
+                  f"CPU {run['cpu_seconds']:.0f} s)", flush=True)
             runs.append(run)
     command = "python benchmarks/heterogeneity.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {
@@ -301,27 +362,33 @@ def write_report(out: Path, meta: dict, runs: list[dict], settings: list[str],
     at = report_rounds(meta["rounds"])
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
-        **meta, "num_nodes": NUM_NODES, "report_rounds": at, "window": WINDOW, "settings": {},
+        **meta, "report_rounds": at, "window": WINDOW, "settings": {},
     }
     sections = []
     for setting in settings:
         by_method = {
             m: [r for r in runs if r["setting"] == setting and r["method"] == m] for m in methods
         }
-        summary = {m: summarize(rs, at) for m, rs in by_method.items()}
+        summary = {m: summarize(rs, at, setting_target(setting)) for m, rs in by_method.items()}
         png = out / f"heterogeneity-{setting}.png"
         plot(setting, by_method, png)
         results["settings"][setting] = {
             "data": SETTINGS[setting],
+            "num_nodes": num_nodes(setting),
+            "target_accuracy": setting_target(setting),
+            "cpu_seconds": sum(r.get("cpu_seconds", math.nan) for rs in by_method.values()
+                               for r in rs),
             "summary": summary,
             "plot": png.name,
             "runs": by_method,
         }
         sections.append(markdown_table(setting, summary, at, len(meta["seeds"]))
                         + f"\n\n![{setting}]({png.name})")
-    header = (f"# Accuracy under heterogeneity\n\n`{meta['command']}`: {NUM_NODES} clients, "
+    cpu = sum(r.get("cpu_seconds", math.nan) for r in runs)
+    header = (f"# Accuracy under heterogeneity\n\n`{meta['command']}`: "
               f"{meta['rounds']} rounds, seeds {meta['seeds']}; wall time "
-              f"{meta['wall_seconds'] / 60:.1f} min on {meta['machine']}.\n")
+              f"{meta['wall_seconds'] / 60:.1f} min ({cpu / 60:.1f} CPU-min in the federations) "
+              f"on {meta['machine']}.\n")
     text = header + "\n" + "\n\n".join(sections) + "\n"
     (out / "heterogeneity.md").write_text(text)
     (out / "heterogeneity.json").write_text(json.dumps(_rounded(results), separators=(",", ":")))

@@ -27,7 +27,13 @@ from task.methods import METHODS
 StrategyName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 OptimizerName = Literal["sgd", "ivon"]
 PartitionerName = Literal["iid", "dirichlet", "pathological", "natural-id"]
-ModelName = Literal["logreg", "mlp", "cnn"]
+ModelName = Literal["logreg", "mlp", "cnn", "cnn1d"]
+# What the convolutional models take per example, as (ranks of the input shape, in words); the
+# others flatten any input.
+MODEL_INPUTS: dict[str, tuple[tuple[int, ...], str]] = {
+    "cnn": ((3,), "image inputs (C, H, W)"),
+    "cnn1d": ((1, 2), "1-D signals (L) or (C, L)"),
+}
 
 
 # A wider layer takes memory and time no federation here needs (65536 x 65536 floats: 16 GiB).
@@ -90,7 +96,7 @@ class RunConfig(BaseModel):
     dataset: str = Field(
         "digits",
         min_length=1,
-        description="`digits`, `synthetic`, a Hugging Face id read through flwr-datasets "
+        description="`digits`, `synthetic`, `mnist1d`, a Hugging Face id read through flwr-datasets "
         "(`mnist`, `cifar10`, ...) or a local folder of data files (see Data below)",
     )
     synthetic_alpha: float = Field(
@@ -98,6 +104,13 @@ class RunConfig(BaseModel):
     )
     synthetic_beta: float = Field(
         1.0, ge=0, description="FedProx Synthetic(alpha, beta): spread of the devices' inputs"
+    )
+    mnist1d_samples: Count = Field(
+        5000,
+        ge=100,
+        le=1_000_000,
+        multiple_of=10,
+        description="`mnist1d`: signals generated (as many per class; the package's default 5000)",
     )
     partitioner: PartitionerName = Field(
         "dirichlet",
@@ -127,7 +140,19 @@ class RunConfig(BaseModel):
         description="share of each node's data held out (seeded) for client-side evaluation "
         "(0: none, every example trains and clients send no evaluation metrics)",
     )
-    model: ModelName = Field("mlp", description="network (`cnn` needs image inputs)")
+    server_val_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="offline data sets: share of the training pool held out (seeded, no client "
+        "trains on it) that the server evaluates on instead of the test set, for tuning "
+        "(0: off)",
+    )
+    model: ModelName = Field(
+        "mlp",
+        description="network (`cnn` needs image inputs; `cnn1d`, MNIST-1D's reference CNN, "
+        "1-D signals)",
+    )
     mlp_hidden: str = Field(
         "200,100",
         description=f"MLP hidden widths, comma-separated positive ints (each <= {MAX_HIDDEN_WIDTH})",
@@ -353,6 +378,35 @@ class RunConfig(BaseModel):
     def _natural_id_names_its_column(self) -> "RunConfig":
         if self.partitioner == "natural-id" and not self.partition_by:
             raise ValueError("partitioner 'natural-id' needs 'partition-by', the id column to split by")
+        return self
+
+    @model_validator(mode="after")
+    def _model_takes_the_offline_inputs(self) -> "RunConfig":
+        # A named data set's shape is known once it is loaded: build_model checks it then.
+        from task.data import OFFLINE_SPECS  # task.data imports this module
+
+        spec = OFFLINE_SPECS.get(self.dataset)
+        if spec is None:
+            return self
+        rank = len(spec.input_shape)
+        ranks, inputs = MODEL_INPUTS.get(self.model, ((rank,), ""))
+        if rank not in ranks:
+            fitting = [m for m in ModelName.__args__ if rank in MODEL_INPUTS.get(m, ((rank,),))[0]]
+            raise ValueError(
+                f"model '{self.model}' needs {inputs} but dataset '{self.dataset}' has inputs of "
+                f"shape {spec.input_shape}: use model " + " or ".join(f"'{m}'" for m in fitting)
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _validation_split_is_offline(self) -> "RunConfig":
+        from task.data import OFFLINE_SOURCES  # task.data imports this module
+
+        if self.server_val_fraction > 0 and self.dataset not in OFFLINE_SOURCES:
+            raise ValueError(
+                f"'server-val-fraction' applies to the offline data sets {OFFLINE_SOURCES}, "
+                f"not '{self.dataset}'"
+            )
         return self
 
     @model_validator(mode="after")

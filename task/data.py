@@ -1,6 +1,6 @@
 """Data sources and federated partitions.
 
-Offline sources (`digits`, `synthetic`) are built as a local `datasets.Dataset` and split with
+Offline sources (`digits`, `synthetic`, `mnist1d`) are built as a local `datasets.Dataset` and split with
 flwr-datasets partitioners; any other `dataset` name goes to flwr-datasets' `FederatedDataset`
 (a Hugging Face id such as `mnist`, or a local folder of data files): the server keeps its
 `test` split (carved from `train` when there is none) and the partitioner (by label, or by an
@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -36,9 +39,10 @@ if TYPE_CHECKING:
 
 LABEL_COLUMNS = ("label", "labels", "fine_label", "character", "y")
 INPUT_COLUMNS = ("x", "image", "img", "pixels", "features")
-OFFLINE_SOURCES = ("digits", "synthetic")
+OFFLINE_SOURCES = ("digits", "synthetic", "mnist1d")
 SYNTHETIC_DEVICES = 30  # generator "devices" in the FedProx Synthetic(alpha, beta) recipe
 SYNTHETIC_DIM, SYNTHETIC_CLASSES = 60, 10
+MNIST1D_LENGTH, MNIST1D_CLASSES = 40, 10
 
 
 @dataclass(frozen=True)
@@ -68,10 +72,12 @@ class DataSpec:
     num_classes: int
 
 
-# What the offline sources' models see: digits are 8x8 grey images, Synthetic has 60 features.
+# What the offline sources' models see: digits are 8x8 grey images, Synthetic has 60 features,
+# MNIST-1D signals of length 40.
 OFFLINE_SPECS = {
     "digits": DataSpec((1, 8, 8), 10),
     "synthetic": DataSpec((SYNTHETIC_DIM,), SYNTHETIC_CLASSES),
+    "mnist1d": DataSpec((MNIST1D_LENGTH,), MNIST1D_CLASSES),
 }
 
 
@@ -111,16 +117,53 @@ def synthetic_fedprox(
     return np.concatenate(xs), np.concatenate(ys).astype(np.int64), np.concatenate(ids)
 
 
+@contextmanager
+def _global_rngs_kept() -> Iterator[None]:
+    """Run a block that seeds or draws from Python's and numpy's global generators, then put
+    both back as they were: a library's seeding must not change what the caller draws next."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+@lru_cache(maxsize=4)
+def mnist1d(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST-1D (Greydanus, "Scaling down deep learning", 2020): `num_samples` signals of
+    length 40 (num_samples // 10 per class), generated with the `mnist1d` package's own recipe
+    from the digit templates it builds in code; its download path is never used.
+
+    The package's train/test split is undone: the app carves its own (`test-fraction`). The
+    generator seeds the global `random` and `np.random`; they are restored afterwards.
+    """
+    from mnist1d.data import get_dataset_args, get_templates, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.seed = num_samples, seed
+    with _global_rngs_kept():
+        made = make_dataset(args, get_templates())
+    x = np.concatenate([made["x"], made["x_test"]]).astype(np.float32)
+    y = np.concatenate([made["y"], made["y_test"]]).astype(np.int64)
+    x.flags.writeable = y.flags.writeable = False  # shared by every caller through the cache
+    return x, y
+
+
 def _offline_arrays(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     if cfg.dataset == "digits":
         return _digits()
+    if cfg.dataset == "mnist1d":
+        return mnist1d(cfg.mnist1d_samples, cfg.seed)
     x, y, _ = synthetic_fedprox(cfg.synthetic_alpha, cfg.synthetic_beta, cfg.seed)
     return x, y
 
 
 @lru_cache(maxsize=4)
 def _offline_split(cfg: RunConfig) -> tuple[ArrayData, ArrayData]:
-    """The training pool the clients' partitions come from, and the server's test set."""
+    """The training pool the clients' partitions come from, and the set the server evaluates
+    on: the test set, or with `server-val-fraction` a validation split carved from the pool
+    (the test set then stays unseen, by the clients and by whoever tunes on the results)."""
     from sklearn.model_selection import train_test_split
 
     if cfg.partitioner == "natural-id":
@@ -131,6 +174,11 @@ def _offline_split(cfg: RunConfig) -> tuple[ArrayData, ArrayData]:
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=cfg.test_fraction, random_state=cfg.seed, stratify=y
     )
+    if cfg.server_val_fraction > 0:
+        x_train, x_test, y_train, y_test = train_test_split(
+            x_train, y_train, test_size=cfg.server_val_fraction, random_state=cfg.seed,
+            stratify=y_train,
+        )
     return ArrayData(x_train, y_train), ArrayData(x_test, y_test)
 
 
@@ -248,7 +296,8 @@ def _label_column(columns: list[str]) -> str:
 
 
 def server_test_set(cfg: RunConfig) -> ArrayData:
-    """The held-out test set the server evaluates the global model on."""
+    """The held-out set the server evaluates the global model on: the test set, or the
+    validation split with `server-val-fraction`."""
     if cfg.dataset in OFFLINE_SOURCES:
         return _offline_split(cfg)[1]
     return dataset_to_arrays(_federated_dataset(cfg, 1).load_split("test"))
@@ -421,7 +470,8 @@ def node_train_data(
 # Every run-config key that decides an offline partition's content.
 PARTITION_KEYS = (
     "dataset", "synthetic-alpha", "synthetic-beta", "test-fraction", "partitioner",
-    "dirichlet-alpha", "classes-per-client", "partition-by", "seed",
+    "dirichlet-alpha", "classes-per-client", "partition-by", "seed", "mnist1d-samples",
+    "server-val-fraction",
 )
 
 

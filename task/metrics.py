@@ -1,5 +1,5 @@
 """Classification metrics on predicted class probabilities: accuracy, NLL, ECE and its
-reliability bins."""
+reliability bins, Brier score."""
 
 from __future__ import annotations
 
@@ -46,11 +46,20 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
     return float(total)
 
 
+def brier(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over examples of the squared distance between the probabilities and the one-hot
+    label (summed over classes: 0 is perfect, 2 the worst)."""
+    onehot = np.zeros_like(probs)
+    onehot[np.arange(len(labels)), labels] = 1.0
+    return float(np.mean(np.sum((probs - onehot) ** 2, axis=1)))
+
+
 def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return {
         "accuracy": accuracy(probs, labels),
         "nll": nll(probs, labels),
         "ece": ece(probs, labels),
+        "brier": brier(probs, labels),
     }
 
 

@@ -48,6 +48,8 @@ def _architecture(cfg: RunConfig, spec: DataSpec) -> nn.Module:
             width = hidden
         layers.append(nn.Linear(width, spec.num_classes))
         return nn.Sequential(*layers)
+    if cfg.model == "cnn1d":
+        return _cnn1d(spec, activation)
     return _cnn(spec, activation)
 
 
@@ -79,6 +81,38 @@ def _cnn(spec: DataSpec, activation: type[nn.Module]) -> nn.Module:
         activation(),
         nn.Linear(192, spec.num_classes),
     )
+
+
+CNN1D_CHANNELS = 25
+CNN1D_LAYERS = ((5, 2, 1), (3, 2, 1), (3, 2, 1))  # kernel, stride, padding of each conv layer
+
+
+def _cnn1d(spec: DataSpec, activation: type[nn.Module]) -> nn.Module:
+    """MNIST-1D's reference CNN (Greydanus 2020, `ConvBase`): three 1-D conv layers of 25
+    channels (kernels 5, 3, 3, each stride 2), then one linear layer: 5,210 parameters on
+    MNIST-1D's length-40 signals.
+
+    Takes signals of shape (L) (one channel) or (C, L); the model restores the shape itself, so
+    flat node data (`N x L`) needs no reshaping.
+    """
+    if len(spec.input_shape) not in (1, 2):
+        raise ConfigError(
+            f"model 'cnn1d' needs 1-D signals (L) or (C, L); this data set has shape "
+            f"{spec.input_shape}"
+        )
+    channels, length = spec.input_shape if len(spec.input_shape) == 2 else (1, *spec.input_shape)
+    layers: list[nn.Module] = [nn.Flatten(), nn.Unflatten(1, (channels, length))]
+    width = length
+    for kernel, stride, padding in CNN1D_LAYERS:
+        layers += [nn.Conv1d(channels, CNN1D_CHANNELS, kernel, stride, padding), activation()]
+        channels, width = CNN1D_CHANNELS, (width + 2 * padding - kernel) // stride + 1
+        if width < 1:
+            raise ConfigError(
+                f"model 'cnn1d': signals of length {length} are too short for its "
+                f"{len(CNN1D_LAYERS)} conv layers"
+            )
+    layers += [nn.Flatten(), nn.Linear(CNN1D_CHANNELS * width, spec.num_classes)]
+    return nn.Sequential(*layers)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from task.metrics import accuracy, ece, nll
+from task.metrics import accuracy, brier, ece, nll
 
 
 PROBS = np.array(
@@ -41,3 +41,12 @@ def test_perfectly_calibrated_predictions_have_zero_ece():
     probs = np.array([[1.0, 0.0], [0.0, 1.0]])
     assert ece(probs, np.array([0, 1])) == 0.0
     assert nll(probs, np.array([0, 1])) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_brier_by_hand():
+    probs = np.array([[0.7, 0.2, 0.1], [0.5, 0.5, 0.0]])
+    labels = np.array([0, 1])
+    # (0.3^2 + 0.2^2 + 0.1^2 + 0.5^2 + 0.5^2 + 0) / 2
+    assert brier(probs, labels) == pytest.approx((0.14 + 0.5) / 2)
+    assert brier(np.eye(3), np.arange(3)) == 0.0
+    assert brier(np.eye(3)[[1, 2, 0]], np.arange(3)) == 2.0

@@ -1,0 +1,191 @@
+"""Fair tuning for the heterogeneity benchmark: every method gets the same number of candidate
+settings, each run once on the tuning setting and scored on a validation split carved from the
+training pool (`server-val-fraction`: no client trains on it, and the test set stays unseen);
+the best candidate becomes `presets/<method>-<dataset>.toml`, which benchmarks/heterogeneity.py
+then runs on every setting of that data set.
+
+A candidate starts from the method's digits preset (the network swapped for the data set's) and
+changes only the keys of its grid: the learning rate for every method, and BayesADMM's penalty
+rho for the two ADMM methods (2 rates x 2 penalties, where the others get 4 rates).
+Score: the validation accuracy averaged over the last 3 rounds (ties: lower NLL).
+
+    python benchmarks/tune.py                       # MNIST-1D 2-classes, 10 nodes, 30 rounds
+    python benchmarks/tune.py --rounds 15 --jobs 2  # shorter
+    python benchmarks/tune.py --quick --out /tmp/t  # smoke run: 2 rounds, 1,000 signals
+
+Writes tuning.md and tuning.json (every candidate's score) to --out (default
+benchmarks/results) and the chosen presets to --presets (default presets/; --quick: --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.heterogeneity import (  # noqa: E402
+    METHODS, SETTINGS, WINDOW, _run, machine, method_config, window_mean,
+)
+
+SETTING = "mnist1d-patho2"
+DATASET = SETTINGS[SETTING]["dataset"]
+SEED = 100  # not one of the benchmark's seeds (0, 1, 2)
+VAL_FRACTION = 0.1
+MODEL = {"mnist1d": {"model": "cnn1d"}}  # the network each tuned data set needs
+# The same number of candidates for every method (GRID_SIZE).
+GRIDS: dict[str, list[dict[str, Any]]] = {
+    "fedavg": [{"lr": lr} for lr in (0.01, 0.03, 0.1, 0.3)],
+    "fedavg-ivon": [{"lr": lr} for lr in (3e-4, 1e-3, 3e-3, 1e-2)],
+    "fedpa": [{"lr": lr} for lr in (0.01, 0.03, 0.1, 0.3)],
+    "bayes-admm": [{"lr": lr, "rho": rho} for lr in (1e-3, 3e-3) for rho in (0.5, 2.0)],
+    "admm": [{"lr": lr, "rho": rho} for lr in (0.03, 0.1) for rho in (3.0, 10.0)],
+}
+GRID_SIZE = 4
+QUICK = {"rounds": 2, "data": {"mnist1d-samples": 1000}, "mc": 4}
+
+
+def base_config(method: str) -> dict[str, Any]:
+    """The method's digits preset with the tuned data set's network."""
+    config = method_config(method, "digits") | MODEL[DATASET]
+    config.pop("mlp-hidden", None)
+    return config
+
+
+def candidates(method: str) -> list[dict[str, Any]]:
+    return [base_config(method) | point for point in GRIDS[method]]
+
+
+def score(rounds: list[dict]) -> tuple[float, float]:
+    """(validation accuracy, NLL), each averaged over the last WINDOW rounds."""
+    last = rounds[-1]["round"]
+    return window_mean(rounds, "accuracy", last), window_mean(rounds, "nll", last)
+
+
+def jobs(methods: list[str], rounds: int, data: dict, mc: int | None) -> list[tuple]:
+    out = []
+    for method in methods:
+        for index, config in enumerate(candidates(method)):
+            overrides = config | SETTINGS[SETTING] | data | {
+                "num-server-rounds": rounds, "seed": SEED, "fraction-evaluate": 0.0,
+                "server-val-fraction": VAL_FRACTION,
+            }
+            if overrides.get("strategy") == "fedpa":
+                overrides["burnin-rounds"] = min(overrides.get("burnin-rounds", 0), rounds // 2)
+            if mc is not None:
+                overrides["eval-mc-samples"] = mc
+            out.append((f"{method}#{index}", SETTING, SEED, overrides))
+    return out
+
+
+def preset_text(method: str, chosen: dict[str, Any], rows: list[dict], command: str,
+                rounds: int) -> str:
+    """The chosen candidate as a run config that `flwr run --run-config` takes as it is."""
+    config = chosen | SETTINGS[SETTING] | {"num-server-rounds": 100}
+    grid = ", ".join(
+        f"{_keys(r['point'])}: {r['val_accuracy']:.3f}" for r in rows
+    )
+    lines = [
+        f"# {method} on MNIST-1D, tuned by `{command}`:",
+        f"# {len(rows)} candidates, each one {rounds}-round federation on {SETTING} (10 nodes,",
+        f"# seed {SEED}), scored by accuracy on a validation split of {VAL_FRACTION:.0%} of the",
+        "# training pool (never the test set), mean of the last 3 rounds.",
+        f"# Candidates (validation accuracy): {grid}.",
+        f"# Chosen: {_keys(rows[0]['point'])} (docs/BENCHMARKS.md, \"MNIST-1D\").",
+        "#   flwr run . --run-config presets/" + f"{method}-{DATASET}.toml"
+        + ' --federation-config "num-supernodes=10"',
+    ]
+    lines += [f"{key} = {_toml(value)}" for key, value in config.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _keys(point: dict[str, Any]) -> str:
+    return " ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in point.items())
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 rounds on 1,000 signals; presets go to --out")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--presets", type=Path, help="where the chosen presets go")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
+                        help="federations run at once, one process each")
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds or (QUICK["rounds"] if args.quick else 30)
+    args.presets = args.presets or (args.out if args.quick else ROOT / "presets")
+    args.data = QUICK["data"] if args.quick else {}
+    args.mc = QUICK["mc"] if args.quick else None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the worker processes
+    command = "python benchmarks/tune.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    started = time.perf_counter()
+    todo = jobs(args.methods, args.rounds, args.data, args.mc)
+    print(f"{len(todo)} federations ({len(args.methods)} methods x {GRID_SIZE} candidates, "
+          f"{args.rounds} rounds on {SETTING}), {args.jobs} at once", flush=True)
+    results: dict[str, list[dict]] = {m: [] for m in args.methods}
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for run in pool.map(_run, todo):
+            method, index = run["method"].split("#")
+            accuracy, nll = score(run["rounds"])
+            results[method].append({
+                "point": GRIDS[method][int(index)], "val_accuracy": accuracy, "val_nll": nll,
+                "seconds": run["seconds"], "cpu_seconds": run["cpu_seconds"],
+            })
+            print(f"  {method:12s} {_keys(GRIDS[method][int(index)]):22s} val acc {accuracy:.4f} "
+                  f"nll {nll:.4f} ({run['seconds']:.0f} s, CPU {run['cpu_seconds']:.0f} s)",
+                  flush=True)
+    args.presets.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = ["| method | candidates (val acc %, NLL) | chosen |", "|---|---|---|"]
+    for method, rows in results.items():
+        rows.sort(key=lambda r: (-r["val_accuracy"], r["val_nll"]))
+        chosen = base_config(method) | rows[0]["point"]
+        (args.presets / f"{method}-{DATASET}.toml").write_text(
+            preset_text(method, chosen, rows, command.strip(), args.rounds))
+        cells = "; ".join(f"{_keys(r['point'])}: {100 * r['val_accuracy']:.1f}, "
+                          f"{r['val_nll']:.3f}" for r in rows)
+        table.append(f"| {method} | {cells} | {_keys(rows[0]['point'])} |")
+    wall = time.perf_counter() - started
+    cpu = sum(r["cpu_seconds"] for rows in results.values() for r in rows)
+    text = (f"# Tuning on {SETTING}\n\n`{command.strip()}`: {GRID_SIZE} candidates per method, "
+            f"{args.rounds} rounds, seed {SEED}, scored on a {VAL_FRACTION:.0%} validation split "
+            f"of the training pool (mean of the last {WINDOW} rounds); wall time "
+            f"{wall / 60:.1f} min ({cpu / 60:.1f} CPU-min) on {machine()}.\n\n"
+            + "\n".join(table) + "\n")
+    (args.out / "tuning.md").write_text(text)
+    (args.out / "tuning.json").write_text(json.dumps({
+        "command": command.strip(), "setting": SETTING, "seed": SEED, "rounds": args.rounds,
+        "val_fraction": VAL_FRACTION, "wall_seconds": wall, "machine": machine(),
+        "methods": results,
+    }, indent=1))
+    print("\n" + text)
+    print(f"Wrote {args.out / 'tuning.md'}, tuning.json and {len(results)} preset(s) to "
+          f"{args.presets}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
