@@ -167,7 +167,7 @@ def evaluate(round_: ClientRound, test: ArrayData, msg: Message, context: Contex
         precision = _weights(saved, "precision/") if trained else None
         if precision is not None:
             seed = round_.seed + BMA_SEED_OFFSET
-            probs, _ = bma_probs(
+            probs, _, _ = bma_probs(
                 round_.model_at(), weights, precision, test.x, round_.device,
                 cfg.eval_mc_samples, seed,
             )
