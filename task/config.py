@@ -47,7 +47,8 @@ Count = Annotated[int, Strict()]
 Auto = Literal["auto"]
 
 # `lr = "auto"`: each optimizer's own learning rate, found on digits (docs/BENCHMARKS.md,
-# "Defaults (no tuning)"). SGD and IVON need rates two orders of magnitude apart.
+# "Defaults (no tuning)"), unless the method sets its own (`Method.auto_lr`). SGD and IVON need
+# rates two orders of magnitude apart.
 AUTO_LR: dict[str, float] = {"sgd": 0.1, "ivon": 1e-3}
 # `rho = "auto"`: BayesADMM's penalty per posterior family. The isotropic variant fixes every
 # precision to 1, so the server keeps alpha = 1 / (1 + K rho) of the unit prior N(0, I) in each
@@ -162,7 +163,8 @@ class RunConfig(BaseModel):
     batch_size: Count = Field(32, ge=1, description="client minibatch size")
     lr: Annotated[float, Field(gt=0)] | Auto = Field(
         "auto",
-        description="client learning rate; `auto`: the optimizer's own (SGD 0.1, IVON 1e-3)",
+        description="client learning rate; `auto`: the optimizer's own (SGD 0.1, IVON 1e-3; IVON "
+        "under BayesADMM 3e-3)",
     )
     momentum: float = Field(0.9, ge=0, lt=1, description="client SGD momentum")
     weight_decay: float = Field(0.0, ge=0, description="client SGD weight decay")
@@ -512,8 +514,11 @@ class RunConfig(BaseModel):
 
     @property
     def local_lr(self) -> float:
-        """The local optimizer's learning rate: `lr`, or the optimizer's own if "auto"."""
-        return AUTO_LR[self.optimizer] if self.lr == "auto" else self.lr
+        """The local optimizer's learning rate: `lr`, or if "auto" the method's own for the
+        optimizer (`Method.auto_lr`), else the optimizer's own."""
+        if self.lr != "auto":
+            return self.lr
+        return METHODS[self.strategy].auto_lr.get(self.optimizer, AUTO_LR[self.optimizer])
 
     @property
     def admm_rho(self) -> float:

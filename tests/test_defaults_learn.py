@@ -25,6 +25,7 @@ from task.config import (
     auto_beta2,
     parse_run_config,
 )
+from task.methods import METHODS
 
 NUM_NODES = 4
 ROUNDS = 4
@@ -70,6 +71,18 @@ def test_auto_lr_is_the_chosen_optimizers_own_and_a_number_is_kept():
         parse_run_config({"lr": "fast"})
     with pytest.raises(ConfigError, match="'lr'"):
         parse_run_config({"lr": 0.0})
+
+
+def test_auto_lr_is_the_methods_own_where_it_sets_one():
+    bayes_admm = {"strategy": "bayes-admm", "optimizer": "ivon"}
+    assert METHODS["bayes-admm"].auto_lr == {"ivon": 3e-3}
+    assert parse_run_config(bayes_admm).local_lr == 3e-3
+    assert parse_run_config({**bayes_admm, "lr": 1e-3}).local_lr == 1e-3
+    # The method's table covers IVON only: its isotropic SGD client keeps SGD's own rate, and
+    # FedAvg's IVON client keeps IVON's.
+    isotropic = {"strategy": "bayes-admm", "optimizer": "sgd", "posterior": "isotropic"}
+    assert parse_run_config(isotropic).local_lr == AUTO_LR["sgd"]
+    assert parse_run_config({"strategy": "fedavg", "optimizer": "ivon"}).local_lr == AUTO_LR["ivon"]
 
 
 @pytest.mark.parametrize(
