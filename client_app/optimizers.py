@@ -24,11 +24,7 @@ def build_optimizer(
     follows from the client's steps per round when `beta2 = "auto"` (`RunConfig.local_beta2`).
     """
     if cfg.optimizer == "sgd":
-        # foreach: the same elementwise operations per parameter, looped in C++ rather than in
-        # Python (torch picks it by default only for accelerator tensors); results are equal.
-        return torch.optim.SGD(
-            params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True
-        )
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     ess = effective_sample_size(num_examples, cfg.temperature, rho)
     return IVONADMM(
         params,

@@ -30,11 +30,10 @@ def minibatch_step(
         loss = nn.functional.cross_entropy(logits, labels)
         return loss if penalty is None else loss + penalty()
 
-    forward = _forward_of(model)
     sampler = getattr(optimizer, "sampled_params", None)
     if sampler is None:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(forward(x), y)
+        loss = loss_fn(model(x), y)
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -42,7 +41,7 @@ def minibatch_step(
     for _ in range(optimizer.mc_samples):
         optimizer.zero_grad(set_to_none=True)
         with sampler(train=True):
-            loss = loss_fn(forward(x), y)
+            loss = loss_fn(model(x), y)
             loss.backward()
         losses.append(loss.item())
     optimizer.step()
@@ -70,46 +69,12 @@ def train_epochs(
     total, steps = 0.0, 0
     for epoch in range(epochs):
         perm = torch.randperm(len(y), generator=order).to(device)
-        # One gather per epoch; each minibatch is then a contiguous slice with the same rows in
-        # the same order as x[perm[start:stop]] (indexing per step costs two ops per step).
-        x_epoch, y_epoch = x[perm], y[perm]
         for start in range(0, len(y), batch_size):
-            stop = start + batch_size
-            total += minibatch_step(
-                model, optimizer, x_epoch[start:stop], y_epoch[start:stop], penalty
-            )
+            idx = perm[start : start + batch_size]
+            total += minibatch_step(model, optimizer, x[idx], y[idx], penalty)
             steps += 1
             if after_step is not None:
                 after_step()
         if after_epoch is not None:
             after_epoch(epoch)
     return total / max(steps, 1)
-
-
-def _forward_of(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The model's forward pass, with the layers of a hook-free `nn.Sequential` called directly.
-
-    `module(x)` runs `nn.Module.__call__`'s hook machinery for every layer (tens of
-    microseconds a layer, a sizeable share of a small network's step); without hooks it returns
-    exactly `module.forward(x)`, so the computation, and every bit of it, is unchanged.
-    """
-    if type(model) is not nn.Sequential or not all(map(_hook_free, model.modules())):
-        return model
-    layers = [layer.forward for layer in model]
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        for layer in layers:
-            x = layer(x)
-        return x
-
-    return forward
-
-
-def _hook_free(module: nn.Module) -> bool:
-    return not (
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-        or module._backward_pre_hooks or nn.modules.module._global_forward_hooks
-        or nn.modules.module._global_forward_pre_hooks
-        or nn.modules.module._global_backward_hooks
-        or nn.modules.module._global_backward_pre_hooks
-    )
