@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -45,6 +43,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (  # noqa: E402
+    add_jobs, add_seeds_and_rounds, benchmark_parser, command_line, machine, mean_std, rounded,
+    save_figure, save_report, start_worker,
+)
 
 PRESETS = ROOT / "presets"
 NUM_NODES = 10
@@ -141,12 +144,9 @@ def run_overrides(method: str, setting: str, seed: int, rounds: int, mc: int | N
 def _run(job: tuple[str, str, int, dict]) -> dict:
     """One federation (in a worker process); returns its per-round server metrics, its wall
     time and the CPU time of its process (the machine may be shared: CPU time extrapolates)."""
-    import torch
-
-    torch.set_num_threads(1)
+    start_worker()
     from benchmarks.inprocess import simulate
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
     method, setting, seed, overrides = job
     started, cpu_started = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory() as folder:
@@ -182,13 +182,6 @@ def report_rounds(num_rounds: int) -> list[int]:
 def window_mean(rounds: list[dict], key: str, at: int) -> float:
     values = [r[key] for r in rounds if at - WINDOW < r["round"] <= at and key in r]
     return sum(values) / len(values) if values else math.nan
-
-
-def mean_std(values: list[float]) -> dict[str, float]:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std}
 
 
 def predictions(runs: list[dict]) -> list[str]:
@@ -297,26 +290,19 @@ def plot(setting: str, by_method: dict[str, list[dict]], path: Path) -> None:
     seeds = len(next(iter(by_method.values())))
     fig.suptitle(f"{setting}: {num_nodes(setting)} clients, mean (band: min to max) over "
                  f"{seeds} seed(s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 seed, 4 rounds, 2 settings, 4 BMA samples")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser = benchmark_parser(__doc__, "smoke run: 1 seed, 4 rounds, 2 settings, 4 BMA samples")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int)
-    parser.add_argument("--rounds", type=int)
+    add_seeds_and_rounds(parser)
     parser.add_argument("--eval-mc-samples", type=int,
                         help="BMA samples per evaluation (default: the preset's)")
     parser.add_argument("--from-json", type=Path,
                         help="re-render the tables and plots of a saved heterogeneity.json")
-    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
-                        help="federations run at once, one process each")
+    add_jobs(parser)
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else {
         "rounds": max(REPORT_ROUNDS), "seeds": [0, 1, 2], "settings": list(SETTINGS), "mc": None,
@@ -361,9 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"acc {last['accuracy']:.4f} nll {last['nll']:.4f} ({run['seconds']:.0f} s, "
                   f"CPU {run['cpu_seconds']:.0f} s)", flush=True)
             runs[i] = run
-    command = "python benchmarks/heterogeneity.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {
-        "command": command.strip(), "rounds": args.rounds, "seeds": args.seeds,
+        "command": command_line("heterogeneity.py", argv), "rounds": args.rounds, "seeds": args.seeds,
         "machine": machine(), "wall_seconds": time.perf_counter() - started,
     }
     write_report(args.out, meta, runs, args.settings, args.methods)
@@ -404,28 +389,8 @@ def write_report(out: Path, meta: dict, runs: list[dict], settings: list[str],
               f"{meta['wall_seconds'] / 60:.1f} min ({cpu / 60:.1f} CPU-min in the federations) "
               f"on {meta['machine']}.\n")
     text = header + "\n" + "\n\n".join(sections) + "\n"
-    (out / "heterogeneity.md").write_text(text)
-    (out / "heterogeneity.json").write_text(json.dumps(_rounded(results), separators=(",", ":")))
-    print("\n" + text)
+    save_report(out, "heterogeneity", text, json.dumps(rounded(results), separators=(",", ":")))
     print(f"Wrote {out / 'heterogeneity.md'}, heterogeneity.json and {len(settings)} plot(s)")
-
-
-def _rounded(value: Any) -> Any:
-    """Floats to 6 decimals, to keep the JSON small."""
-    if isinstance(value, float):
-        return round(value, 6)
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return value
-
-
-def machine() -> str:
-    import torch
-
-    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
 if __name__ == "__main__":
