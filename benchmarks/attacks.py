@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -42,7 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.heterogeneity import machine, mean_std  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_jobs, add_seeds_and_rounds, benchmark_parser, command_line, machine, mean_std,
+    save_report, start_worker,
+)
 from benchmarks.inprocess import InProcessGrid  # noqa: E402
 
 NUM_NODES = 10
@@ -267,12 +269,9 @@ def jobs_for(strategies: list[str], attacks: list[str] | None, defences: list[st
 
 def run_job(job: Job) -> dict:
     """One federation (in a worker process): per-round server metrics, or the crash."""
-    import torch
-
-    torch.set_num_threads(1)
+    start_worker(logging.ERROR)
     from benchmarks.inprocess import simulate
 
-    logging.getLogger("flwr").setLevel(logging.ERROR)
     started = time.perf_counter()
     if job.attack == HONEST:
         make_grid = InProcessGrid
@@ -377,20 +376,16 @@ def markdown(summary: dict, seeds: list[int]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 seed, 3 rounds, FedAvg and BayesADMM, defaults and "
-                        "recommended")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser = benchmark_parser(
+        __doc__, "smoke run: 1 seed, 3 rounds, FedAvg and BayesADMM, defaults and recommended"
+    )
     parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES))
     parser.add_argument("--attacks", nargs="+", choices=list(ATTACKS),
                         help="attacks to run (the honest run always runs)")
     parser.add_argument("--defences", nargs="+",
                         choices=sorted(set(ROBUST_DEFENCES) | set(BAYES_ADMM_DEFENCES)))
-    parser.add_argument("--seeds", nargs="+", type=int)
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
-                        help="federations run at once, one process each")
+    add_seeds_and_rounds(parser)
+    add_jobs(parser)
     parser.add_argument("--merge", action="store_true",
                         help="keep the runs of --out's attacks.json that this call does not redo "
                         "(to add seeds or settings)")
@@ -418,8 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {run['strategy']:10s} {run['defence']:26s} {run['attack']:18s} seed "
                   f"{run['seed']}: {status} ({run['seconds']:.0f} s)", flush=True)
             runs.append(run)
-    command = "python benchmarks/attacks.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    commands, seeds = [command.strip()], sorted(args.seeds)
+    commands, seeds = [command_line("attacks.py", argv)], sorted(args.seeds)
     if args.merge and (args.out / "attacks.json").exists():
         earlier = json.loads((args.out / "attacks.json").read_text())
         redone = {_key(run) for run in runs}
@@ -440,11 +434,10 @@ def main(argv: list[str] | None = None) -> int:
             f"round, {args.rounds} rounds; wall time of the last call "
             f"{results['wall_seconds'] / 60:.1f} min on {results['machine']}.\n\n"
             + markdown(summary, seeds) + "\n")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "attacks.md").write_text(text)
-    (args.out / "attacks.json").write_text(
-        json.dumps(_strict(results), separators=(",", ":"), allow_nan=False))
-    print("\n" + text)
+    save_report(
+        args.out, "attacks", text,
+        json.dumps(_strict(results), separators=(",", ":"), allow_nan=False),
+    )
     print(f"Wrote {args.out / 'attacks.md'} and attacks.json")
     return 0
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -34,8 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import (  # noqa: E402
+    add_jobs, add_seeds_and_rounds, benchmark_parser, command_line, machine, mean_std, rounded,
+    save_figure, save_report, start_worker,
+)
 from benchmarks.heterogeneity import (  # noqa: E402
-    NUM_NODES, SETTINGS as DATA_SETTINGS, _rounded, machine, mean_std, run_overrides, window_mean,
+    NUM_NODES, SETTINGS as DATA_SETTINGS, run_overrides, window_mean,
 )
 
 # Data settings this benchmark runs (keys of benchmarks/heterogeneity.py's SETTINGS); MNIST-1D
@@ -75,12 +78,9 @@ def variant_overrides(variant: str, setting: str, seed: int, rounds: int, mc: in
 
 def _run(job: tuple[str, str, int, dict]) -> dict:
     """One federation (in a worker process): accuracy and bytes per round."""
-    import torch
-
-    torch.set_num_threads(1)
+    start_worker()
     from benchmarks.inprocess import simulate
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
     variant, setting, seed, overrides = job
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
@@ -184,23 +184,18 @@ def plot(setting: str, by_variant: dict[str, list[dict]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"Accuracy against bytes, {setting}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 seed, 2 rounds, FedAvg and BayesADMM in fp32 and q8")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser = benchmark_parser(
+        __doc__, "smoke run: 1 seed, 2 rounds, FedAvg and BayesADMM in fp32 and q8"
+    )
     parser.add_argument("--settings", nargs="+", choices=list(DATA_SETTINGS), default=SETTINGS)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int)
-    parser.add_argument("--rounds", type=int)
+    add_seeds_and_rounds(parser)
     parser.add_argument("--eval-mc-samples", type=int, help="BMA samples (default: the preset's)")
-    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
-                        help="federations run at once, one process each")
+    add_jobs(parser)
     parser.add_argument("--from-json", type=Path, nargs="+",
                         help="re-render the report from the runs of saved communication.json files")
     args = parser.parse_args(argv)
@@ -258,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{run['rounds'][-1]['accuracy']:.4f}, {total:.2f} MB ({run['seconds']:.0f} s)",
                   flush=True)
             runs.append(run)
-    command = "python benchmarks/communication.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    return write_report(args, runs, f"`{command.strip()}`", time.perf_counter() - started)
+    command = command_line("communication.py", argv)
+    return write_report(args, runs, f"`{command}`", time.perf_counter() - started)
 
 
 def write_report(args: argparse.Namespace, runs: list[dict], command: str, wall: float) -> int:
@@ -285,9 +280,7 @@ def write_report(args: argparse.Namespace, runs: list[dict], command: str, wall:
             f"{args.rounds} rounds, seeds {args.seeds}; wall time "
             f"{results['wall_seconds'] / 60:.1f} min on {results['machine']}.\n\n"
             + "\n\n".join(sections) + "\n")
-    (args.out / "communication.md").write_text(text)
-    (args.out / "communication.json").write_text(json.dumps(_rounded(results), separators=(",", ":")))
-    print("\n" + text)
+    save_report(args.out, "communication", text, json.dumps(rounded(results), separators=(",", ":")))
     return 0
 
 

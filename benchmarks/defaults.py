@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import sys
@@ -32,7 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.heterogeneity import machine, mean_std  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_jobs, add_seeds_and_rounds, benchmark_parser, command_line, machine, mean_std,
+    save_report, start_worker,
+)
 
 NUM_NODES = 10
 TARGET = 0.90
@@ -67,12 +69,9 @@ def overrides(combination: str, seed: int, rounds: int, mc: int | None) -> dict[
 
 def _run(job: tuple[str, int, dict]) -> dict:
     """One federation (in a worker process); returns its per-round server metrics."""
-    import torch
-
-    torch.set_num_threads(1)
+    start_worker()
     from benchmarks.inprocess import simulate
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
     combination, seed, keys = job
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
@@ -124,15 +123,11 @@ def markdown_table(summary: dict[str, dict], at: list[int], seeds: list[int]) ->
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 rounds")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser = benchmark_parser(__doc__, "smoke run: 1 seed, 2 rounds")
     parser.add_argument("--combinations", nargs="+", choices=list(COMBINATIONS),
                         default=list(COMBINATIONS))
-    parser.add_argument("--seeds", nargs="+", type=int)
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
-                        help="federations run at once, one process each")
+    add_seeds_and_rounds(parser)
+    add_jobs(parser)
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     args.seeds = args.seeds if args.seeds is not None else defaults["seeds"]
@@ -161,9 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     at = report_rounds(args.rounds)
     summary = {c: summarize([r for r in runs if r["combination"] == c], at)
                for c in args.combinations}
-    command = "python benchmarks/defaults.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results = {
-        "command": command.strip(), "data": DATA, "num_nodes": NUM_NODES, "rounds": args.rounds,
+        "command": command_line("defaults.py", argv), "data": DATA, "num_nodes": NUM_NODES, "rounds": args.rounds,
         "seeds": args.seeds, "machine": machine(), "wall_seconds": time.perf_counter() - started,
         "summary": summary, "runs": runs,
     }
@@ -171,10 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{NUM_NODES} clients, {args.rounds} rounds; wall time "
             f"{results['wall_seconds'] / 60:.1f} min on {results['machine']}.\n\n"
             + markdown_table(summary, at, args.seeds) + "\n")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "defaults.md").write_text(text)
-    (args.out / "defaults.json").write_text(json.dumps(results, separators=(",", ":")))
-    print("\n" + text)
+    save_report(args.out, "defaults", text, json.dumps(results, separators=(",", ":")))
     print(f"Wrote {args.out / 'defaults.md'} and defaults.json")
     return 0
 

@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -45,6 +43,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (  # noqa: E402
+    add_jobs, add_seeds_and_rounds, benchmark_parser, command_line, machine, mean_std, rounded,
+    save_figure, save_report, start_worker,
+)
 
 PRESETS = ROOT / "presets"
 NUM_NODES = 10
@@ -141,12 +144,9 @@ def run_overrides(method: str, setting: str, seed: int, rounds: int, mc: int | N
 def _run(job: tuple[str, str, int, dict]) -> dict:
     """One federation (in a worker process); returns its per-round server metrics, its wall
     time and the CPU time of its process (the machine may be shared: CPU time extrapolates)."""
-    import torch
-
-    torch.set_num_threads(1)
+    start_worker()
     from benchmarks.inprocess import simulate
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
     method, setting, seed, overrides = job
     started, cpu_started = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory() as folder:
@@ -163,6 +163,17 @@ def _run(job: tuple[str, str, int, dict]) -> dict:
     }
 
 
+def cost_rank(job: tuple[str, str, int, dict]) -> tuple:
+    """Orders federations by their rough cost per round, to start the longest first: MNIST-1D
+    (a CNN on the largest partitions) before digits and Synthetic, then by the local passes of
+    the nodes that train in a round. The data set's size comes before the passes so that a
+    worker process meets each generated MNIST-1D pool in one stretch (its cache keeps a few)."""
+    _, setting, _, overrides = job
+    sampled = num_nodes(setting) * overrides.get("fraction-train", 1.0)
+    passes = overrides.get("local-epochs", 5) * overrides.get("mc-samples", 1)
+    return overrides["dataset"] == "mnist1d", overrides.get("mnist1d-samples", 0), sampled * passes
+
+
 def report_rounds(num_rounds: int) -> list[int]:
     chosen = [r for r in REPORT_ROUNDS if r <= num_rounds]
     return chosen if chosen and chosen[-1] == num_rounds else [*chosen, num_rounds]
@@ -171,13 +182,6 @@ def report_rounds(num_rounds: int) -> list[int]:
 def window_mean(rounds: list[dict], key: str, at: int) -> float:
     values = [r[key] for r in rounds if at - WINDOW < r["round"] <= at and key in r]
     return sum(values) / len(values) if values else math.nan
-
-
-def mean_std(values: list[float]) -> dict[str, float]:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std}
 
 
 def predictions(runs: list[dict]) -> list[str]:
@@ -286,26 +290,19 @@ def plot(setting: str, by_method: dict[str, list[dict]], path: Path) -> None:
     seeds = len(next(iter(by_method.values())))
     fig.suptitle(f"{setting}: {num_nodes(setting)} clients, mean (band: min to max) over "
                  f"{seeds} seed(s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 seed, 4 rounds, 2 settings, 4 BMA samples")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser = benchmark_parser(__doc__, "smoke run: 1 seed, 4 rounds, 2 settings, 4 BMA samples")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int)
-    parser.add_argument("--rounds", type=int)
+    add_seeds_and_rounds(parser)
     parser.add_argument("--eval-mc-samples", type=int,
                         help="BMA samples per evaluation (default: the preset's)")
     parser.add_argument("--from-json", type=Path,
                         help="re-render the tables and plots of a saved heterogeneity.json")
-    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
-                        help="federations run at once, one process each")
+    add_jobs(parser)
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else {
         "rounds": max(REPORT_ROUNDS), "seeds": [0, 1, 2], "settings": list(SETTINGS), "mc": None,
@@ -339,17 +336,19 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(f"{len(jobs)} federations ({len(args.settings)} settings x {len(args.methods)} methods "
           f"x {len(args.seeds)} seeds, {args.rounds} rounds), {args.jobs} at once", flush=True)
-    runs: list[dict] = []
+    # Longest first, so that no core idles at the end while one long federation finishes;
+    # the report keeps the jobs' own order.
+    order = sorted(range(len(jobs)), key=lambda i: cost_rank(jobs[i]), reverse=True)
+    runs: list[dict] = [{}] * len(jobs)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for run in pool.map(_run, jobs):
+        for i, run in zip(order, pool.map(_run, [jobs[i] for i in order])):
             last = run["rounds"][-1]
             print(f"  {run['setting']:14s} {run['method']:12s} seed {run['seed']}: "
                   f"acc {last['accuracy']:.4f} nll {last['nll']:.4f} ({run['seconds']:.0f} s, "
                   f"CPU {run['cpu_seconds']:.0f} s)", flush=True)
-            runs.append(run)
-    command = "python benchmarks/heterogeneity.py " + " ".join(sys.argv[1:] if argv is None else argv)
+            runs[i] = run
     meta = {
-        "command": command.strip(), "rounds": args.rounds, "seeds": args.seeds,
+        "command": command_line("heterogeneity.py", argv), "rounds": args.rounds, "seeds": args.seeds,
         "machine": machine(), "wall_seconds": time.perf_counter() - started,
     }
     write_report(args.out, meta, runs, args.settings, args.methods)
@@ -390,28 +389,8 @@ def write_report(out: Path, meta: dict, runs: list[dict], settings: list[str],
               f"{meta['wall_seconds'] / 60:.1f} min ({cpu / 60:.1f} CPU-min in the federations) "
               f"on {meta['machine']}.\n")
     text = header + "\n" + "\n\n".join(sections) + "\n"
-    (out / "heterogeneity.md").write_text(text)
-    (out / "heterogeneity.json").write_text(json.dumps(_rounded(results), separators=(",", ":")))
-    print("\n" + text)
+    save_report(out, "heterogeneity", text, json.dumps(rounded(results), separators=(",", ":")))
     print(f"Wrote {out / 'heterogeneity.md'}, heterogeneity.json and {len(settings)} plot(s)")
-
-
-def _rounded(value: Any) -> Any:
-    """Floats to 6 decimals, to keep the JSON small."""
-    if isinstance(value, float):
-        return round(value, 6)
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_rounded(v) for v in value]
-    return value
-
-
-def machine() -> str:
-    import torch
-
-    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
 if __name__ == "__main__":

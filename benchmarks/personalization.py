@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -45,7 +44,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.heterogeneity import _preset, _rounded, machine, mean_std  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_jobs, add_seeds_and_rounds, benchmark_parser, command_line, machine, mean_std, rounded,
+    save_figure, save_report, start_worker,
+)
+from benchmarks.heterogeneity import _preset  # noqa: E402
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "digits-patho2": {"dataset": "digits", "partitioner": "pathological", "classes-per-client": 2},
@@ -136,10 +139,7 @@ def epochs_per_round(method: str, overrides: dict[str, Any]) -> str:
 
 
 def _run(job: tuple[str, str, int, dict, int, int]) -> dict:
-    import torch
-
-    torch.set_num_threads(1)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    start_worker()
     method, setting, seed, overrides, num_nodes, local_only_epochs = job
     started = time.perf_counter()
     if method == "local-only":
@@ -257,26 +257,20 @@ def plot(setting: str, summary: dict, path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     ax.set_title(f"{setting}: global vs personal models")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 setting, 1 seed, 3 rounds, 2 local epochs")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser = benchmark_parser(__doc__, "smoke run: 1 setting, 1 seed, 3 rounds, 2 local epochs")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS))
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int)
-    parser.add_argument("--rounds", type=int)
+    add_seeds_and_rounds(parser)
     parser.add_argument("--nodes", type=int)
     parser.add_argument("--local-epochs", type=int,
                         help="every method's, also the personal epochs (default 5)")
     parser.add_argument("--fraction-train", type=float,
                         help="share of the nodes sampled per round (default 1)")
-    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8))
+    add_jobs(parser)
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     args.settings = args.settings or defaults["settings"]
@@ -314,10 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {run['setting']:14s} {run['method']:18s} seed {run['seed']}: personal acc "
                   f"{acc:.4f} ({run['seconds']:.0f} s)", flush=True)
             runs.append(run)
-    command = "python benchmarks/personalization.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
-    meta = {"command": command.strip(), "rounds": args.rounds, "seeds": args.seeds,
+    meta = {"command": command_line("personalization.py", argv), "rounds": args.rounds, "seeds": args.seeds,
             "nodes": args.nodes, "fraction_train": args.fraction_train or 1.0, "machine": machine(),
             "wall_seconds": time.perf_counter() - started}
     write_report(args.out, meta, runs, args.settings)
@@ -343,9 +334,7 @@ def write_report(out: Path, meta: dict, runs: list[dict], settings: list[str]) -
               f"{meta['rounds']} rounds, seeds {meta['seeds']}; wall time "
               f"{meta['wall_seconds'] / 60:.1f} min on {meta['machine']}.\n")
     text = header + "\n" + "\n\n".join(sections) + "\n"
-    (out / "personalization.md").write_text(text)
-    (out / "personalization.json").write_text(json.dumps(_rounded(results), separators=(",", ":")))
-    print("\n" + text)
+    save_report(out, "personalization", text, json.dumps(rounded(results), separators=(",", ":")))
 
 
 if __name__ == "__main__":

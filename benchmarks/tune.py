@@ -32,8 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import (  # noqa: E402
+    add_jobs, benchmark_parser, command_line, machine, save_report,
+)
 from benchmarks.heterogeneity import (  # noqa: E402
-    METHODS, SETTINGS, WINDOW, _run, machine, method_config, window_mean,
+    METHODS, SETTINGS, WINDOW, _run, method_config, window_mean,
 )
 
 SETTING = "mnist1d-patho2"
@@ -120,15 +123,11 @@ def _toml(value: Any) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 2 rounds on 1,000 signals; presets go to --out")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser = benchmark_parser(__doc__, "smoke run: 2 rounds on 1,000 signals; presets go to --out")
     parser.add_argument("--presets", type=Path, help="where the chosen presets go")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--rounds", type=int)
-    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
-                        help="federations run at once, one process each")
+    add_jobs(parser)
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (QUICK["rounds"] if args.quick else 30)
     args.presets = args.presets or (args.out if args.quick else ROOT / "presets")
@@ -140,7 +139,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the worker processes
-    command = "python benchmarks/tune.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = command_line("tune.py", argv)
     started = time.perf_counter()
     todo = jobs(args.methods, args.rounds, args.data, args.mc)
     print(f"{len(todo)} federations ({len(args.methods)} methods x {GRID_SIZE} candidates, "
@@ -164,24 +163,22 @@ def main(argv: list[str] | None = None) -> int:
         rows.sort(key=lambda r: (-r["val_accuracy"], r["val_nll"]))
         chosen = base_config(method) | rows[0]["point"]
         (args.presets / f"{method}-{DATASET}.toml").write_text(
-            preset_text(method, chosen, rows, command.strip(), args.rounds))
+            preset_text(method, chosen, rows, command, args.rounds))
         cells = "; ".join(f"{_keys(r['point'])}: {100 * r['val_accuracy']:.1f}, "
                           f"{r['val_nll']:.3f}" for r in rows)
         table.append(f"| {method} | {cells} | {_keys(rows[0]['point'])} |")
     wall = time.perf_counter() - started
     cpu = sum(r["cpu_seconds"] for rows in results.values() for r in rows)
-    text = (f"# Tuning on {SETTING}\n\n`{command.strip()}`: {GRID_SIZE} candidates per method, "
+    text = (f"# Tuning on {SETTING}\n\n`{command}`: {GRID_SIZE} candidates per method, "
             f"{args.rounds} rounds, seed {SEED}, scored on a {VAL_FRACTION:.0%} validation split "
             f"of the training pool (mean of the last {WINDOW} rounds); wall time "
             f"{wall / 60:.1f} min ({cpu / 60:.1f} CPU-min) on {machine()}.\n\n"
             + "\n".join(table) + "\n")
-    (args.out / "tuning.md").write_text(text)
-    (args.out / "tuning.json").write_text(json.dumps({
-        "command": command.strip(), "setting": SETTING, "seed": SEED, "rounds": args.rounds,
+    save_report(args.out, "tuning", text, json.dumps({
+        "command": command, "setting": SETTING, "seed": SEED, "rounds": args.rounds,
         "val_fraction": VAL_FRACTION, "wall_seconds": wall, "machine": machine(),
         "methods": results,
     }, indent=1))
-    print("\n" + text)
     print(f"Wrote {args.out / 'tuning.md'}, tuning.json and {len(results)} preset(s) to "
           f"{args.presets}")
     return 0

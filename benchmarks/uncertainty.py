@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -40,7 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.heterogeneity import machine, mean_std  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_jobs, benchmark_parser, command_line, machine, mean_std, save_report, start_worker,
+)
 from task.ood import SHIFT_LEVELS  # noqa: E402
 
 NUM_NODES = 10
@@ -98,12 +98,9 @@ def scaled_posterior_numbers(folder: str, keys: dict, scales: tuple[float, ...])
 
 def _run(job: tuple[str, int, dict, tuple[float, ...]]) -> dict:
     """One federation (in a worker process); the last round's numbers per predictive."""
-    import torch
-
-    torch.set_num_threads(1)
+    start_worker()
     from benchmarks.inprocess import simulate
 
-    logging.getLogger("flwr").setLevel(logging.WARNING)
     method, seed, keys, scales = job
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
@@ -159,12 +156,9 @@ def markdown_table(summary: dict[str, dict], seeds: list[int]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 rounds")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser = benchmark_parser(__doc__, "smoke run: 1 seed, 2 rounds")
     parser.add_argument("--seeds", nargs="+", type=int)
-    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
-                        help="federations run at once, one process each")
+    add_jobs(parser)
     parser.add_argument("--run-config", default="",
                         help='"key=value ..." for every run, e.g. "dataset=\'mnist1d\'"')
     args = parser.parse_args(argv)
@@ -203,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                                         for key in with_posterior[0][scale]}}
         for scale in with_posterior[0]
     }
-    command = "python benchmarks/uncertainty.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     rounds = runs[0]["round"]
     results = {
-        "command": command.strip(), "overrides": args.overrides, "num_nodes": NUM_NODES, "rounds": rounds, "seeds": args.seeds,
+        "command": command_line("uncertainty.py", argv), "overrides": args.overrides,
+        "num_nodes": NUM_NODES, "rounds": rounds, "seeds": args.seeds,
         "machine": machine(), "wall_seconds": time.perf_counter() - started,
         "summary": summary, "scaled_posterior": scaled, "runs": runs,
     }
@@ -216,10 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{results['wall_seconds'] / 60:.1f} min on {results['machine']}.\n\n"
             + markdown_table(summary, args.seeds) + "\n\n## BayesADMM's BMA with the posterior "
             "precision scaled\n\n" + markdown_table(scaled, args.seeds) + "\n")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "uncertainty.md").write_text(text)
-    (args.out / "uncertainty.json").write_text(json.dumps(results, separators=(",", ":")))
-    print("\n" + text)
+    save_report(args.out, "uncertainty", text, json.dumps(results, separators=(",", ":")))
     print(f"Wrote {args.out / 'uncertainty.md'} and uncertainty.json")
     return 0
 

@@ -1,0 +1,94 @@
+"""What the benchmark scripts share: their common options, a worker process's set-up, the
+command line and machine a report records, statistics over seeds, and how figures and reports
+are written."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def benchmark_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """A parser with the options every benchmark script takes: --quick (the smoke run that
+    `quick_help` describes) and --out (the reports' folder). `doc`'s first paragraph describes
+    the script."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    return parser
+
+
+def add_seeds_and_rounds(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--rounds", type=int)
+
+
+def add_jobs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
+                        help="federations run at once, one process each")
+
+
+def start_worker(flwr_level: int = logging.WARNING) -> None:
+    """Set up a worker process for its federations: torch on one thread (the federations
+    themselves run one per core) and Flower's log quieted."""
+    import torch
+
+    torch.set_num_threads(1)
+    logging.getLogger("flwr").setLevel(flwr_level)
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How `benchmarks/<script>` was called (`argv`, else this process's arguments)."""
+    return f"python benchmarks/{script} {shlex.join(sys.argv[1:] if argv is None else argv)}".strip()
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std}
+
+
+def rounded(value: Any) -> Any:
+    """Floats to 6 decimals, to keep the JSON small."""
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out a matplotlib figure, write it to `path` and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_report(out: Path, stem: str, text: str, json_text: str) -> None:
+    """`<stem>.md` (the markdown `text`, also printed) and `<stem>.json` in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json_text)
+    print("\n" + text)

@@ -1,0 +1,47 @@
+"""The helpers every benchmark script shares (benchmarks/common.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks.common import (
+    add_jobs, add_seeds_and_rounds, benchmark_parser, command_line, mean_std, rounded, save_report,
+)
+
+
+def test_parser_has_the_shared_options_and_describes_the_script(tmp_path):
+    parser = benchmark_parser("First paragraph.\n\nDetails.", "smoke run: 1 seed")
+    add_seeds_and_rounds(parser)
+    add_jobs(parser)
+    args = parser.parse_args(["--quick", "--out", str(tmp_path), "--seeds", "3", "4", "--jobs", "2"])
+    assert (args.quick, args.out, args.seeds, args.rounds, args.jobs) == (True, tmp_path, [3, 4], None, 2)
+    assert parser.description == "First paragraph."
+    assert parser.parse_args([]).out.parts[-2:] == ("benchmarks", "results")
+
+
+def test_command_line_quotes_what_a_shell_would_split():
+    assert command_line("x.py", ["--quick"]) == "python benchmarks/x.py --quick"
+    assert command_line("x.py", []) == "python benchmarks/x.py"
+    assert command_line("x.py", ["--run-config", "a=1 b=2"]) == "python benchmarks/x.py --run-config 'a=1 b=2'"
+
+
+def test_mean_std_is_the_sample_standard_deviation():
+    assert mean_std([1.0, 2.0, 3.0, 4.0]) == {"mean": 2.5, "std": pytest.approx(math.sqrt(5 / 3))}
+    assert mean_std([7.0]) == {"mean": 7.0, "std": 0.0}
+
+
+def test_rounded_reaches_floats_inside_dicts_and_lists():
+    assert rounded({"a": [0.1234567891, {"b": 2.0000004}], "c": 3, "d": "x"}) == {
+        "a": [0.123457, {"b": 2.0}], "c": 3, "d": "x",
+    }
+
+
+def test_save_report_writes_markdown_and_json_and_prints_the_markdown(tmp_path, capsys):
+    out = tmp_path / "new" / "folder"
+    save_report(out, "bench", "# Title\n", json.dumps({"k": 1}))
+    assert (out / "bench.md").read_text() == "# Title\n"
+    assert json.loads((out / "bench.json").read_text()) == {"k": 1}
+    assert "# Title" in capsys.readouterr().out
