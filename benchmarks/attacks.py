@@ -167,8 +167,10 @@ BAYES_ADMM_DEFENCES: dict[str, dict[str, Any]] = {
     "precision-ratio-bound=100, mean-shift-bound=10": {
         "precision-ratio-bound": 100.0, "mean-shift-bound": 10.0,
     },
-    # The best measured; the ratio bound costs more than it gives here (docs/BENCHMARKS.md).
-    RECOMMENDED: {"mean-shift-bound": 10.0},
+    "mean-shift-bound=10": {"mean-shift-bound": 10.0},
+    "multi-krum": {"aggregation": "multi-krum"},
+    "multi-krum, mean-shift-bound=10": {"aggregation": "multi-krum", "mean-shift-bound": 10.0},
+    RECOMMENDED: {"aggregation": "multi-krum"},
 }
 
 
