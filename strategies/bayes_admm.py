@@ -413,14 +413,14 @@ class BayesADMM(FederatedStrategy):
         # server_update and accumulate_duals would sum the lists.
         received_mean = np.zeros_like(self.mean) if self.at_prior else self.mean
         duals, tiers = self.duals, [ReplySums(), ReplySums(), ReplySums()]
-        clipped_coords, clipped_nodes = 0, set()
+        clipped_coords, unaccepted = 0, set()  # nodes clipped or left out
         left_out = self.left_out_by_multi_krum(valid)
         for index, reply in enumerate(valid):
             if index in left_out:
                 # Out of this round's subset A everywhere, and its increment is counted by
                 # neither side (the node is not marked accepted).
                 node = reply.metadata.src_node_id
-                clipped_nodes.add(node)
+                unaccepted.add(node)
                 reason = f"node {node}: left out by multi-krum, dual increment not accepted"
                 self.last_round.reasons.append(reason)
                 log(WARNING, "Reply %s", reason)
@@ -445,7 +445,7 @@ class BayesADMM(FederatedStrategy):
                 # accepted, so it drops its pending one).
                 node = reply.metadata.src_node_id
                 clipped_coords += bounded.clipped_coords
-                clipped_nodes.add(node)
+                unaccepted.add(node)
                 reason = f"node {node}: {bounded.clipped_coords} coordinate(s) out of bounds " \
                     "left out of the average, dual increment not accepted"
                 self.last_round.reasons.append(reason)
@@ -476,7 +476,7 @@ class BayesADMM(FederatedStrategy):
         self.fallback_coords = update.fallback_coords
         for reply in valid:
             node = reply.metadata.src_node_id
-            if node in clipped_nodes:  # its increment is counted by neither side
+            if node in unaccepted:  # its increment is counted by neither side
                 continue
             self.accepted_round[node] = server_round
             config = reply.content.config_records.get(records.CONFIG)
@@ -490,7 +490,7 @@ class BayesADMM(FederatedStrategy):
         if metrics is not None:
             metrics["precision-fallback-coords"] = update.fallback_coords
             metrics["clipped-coords"] = clipped_coords
-            metrics["clipped-replies"] = len(clipped_nodes) - len(left_out)
+            metrics["clipped-replies"] = len(unaccepted) - len(left_out)
             if self.cfg.aggregation == "multi-krum":
                 metrics["left-out-replies"] = len(left_out)
         return self.global_records()[0], metrics
