@@ -221,15 +221,15 @@ def test_dual_sums_stay_equal_across_a_resume_that_draws_new_node_ids(tmp_path):
     assert resumed.client_ids and set(resumed.client_ids.values()) <= {f"partition-{p}" for p in range(6)}
 
 
-def _federation_with_a_hostile_round(overrides, attack_rounds, num_rounds=8):
-    """Four real IVON nodes; node 4 replies with precision 1e30 and mean 7 (issue 14's pinning
-    attack) in `attack_rounds`, and is honest again afterwards. Yields the strategy each round,
-    after checking that the server's dual sums equal what the nodes hold."""
+def _federation_with_a_hostile_round(overrides, attack_rounds, num_rounds=8, num_nodes=4):
+    """`num_nodes` real IVON nodes; the last replies with precision 1e30 and mean 7 (issue 14's
+    pinning attack) in `attack_rounds`, and is honest again afterwards. Yields the strategy each
+    round, after checking that the server's dual sums equal what the nodes hold."""
     from benchmarks.inprocess import _set_task_identity
 
     run_config = {**default_run_config(), **SMALL, "min-train-nodes": 3, **overrides}
     cfg = parse_run_config(run_config)
-    grid = InProcessGrid(run_config, num_nodes=4)
+    grid = InProcessGrid(run_config, num_nodes=num_nodes)
     strategy = STRATEGIES["bayes-admm"](cfg, model_to_record(build_model(cfg, data_spec(cfg))))
     _set_task_identity()
     for server_round in range(1, num_rounds + 1):
@@ -356,3 +356,21 @@ def test_multi_krum_leaves_out_a_hostile_reply_and_its_dual_increment(fake_grid)
     # Undefended, the same reply drags the mean toward 50.
     plain, _ = _multi_krum_round(fake_grid, {}, means, precisions)
     assert np.all(plain.mean > 5 * np.abs(strategy.mean))
+
+
+def test_multi_krum_leaves_out_a_real_hostile_node_and_the_duals_stay_in_step():
+    """Five real IVON nodes, multi-krum (f = 1); node 5 sends the pinning reply in rounds 2-3.
+    It is left out those rounds (multi-krum decides before the bounds), its node does not
+    commit the increment, and the server's dual sums equal what the nodes hold every round
+    (checked by the helper). In the other rounds multi-krum leaves out an honest node (measured:
+    nodes 4, 2, 4 in rounds 1, 4, 5)."""
+    overrides = {"aggregation": "multi-krum", "min-train-nodes": 5}
+    for server_round, (strategy, metrics) in enumerate(
+        _federation_with_a_hostile_round(overrides, (2, 3), 5, num_nodes=5), start=1
+    ):
+        assert metrics["left-out-replies"] == 1
+        if server_round in (2, 3):
+            assert "node 5: left out by multi-krum, dual increment not accepted" in \
+                strategy.last_round.reasons
+            assert strategy.accepted_round.get(5, 0) < server_round
+        assert np.isfinite(strategy.mean).all() and np.all(strategy.precision < 1e12)
