@@ -177,6 +177,36 @@ def bound_reply(
     return BoundedReply(mean, precision, int(clipped.sum()))
 
 
+def multi_krum_keep(client_means, global_precision, byzantine: int) -> list[int]:
+    """The replies multi-krum keeps (Blanchard et al. 2017), with distances in units of the
+    global's standard deviation (the Mahalanobis distance under the global posterior):
+
+        d(i, j) = sum_p S~_p (m_i,p - m_j,p)^2
+
+    Each of the n replies scores the sum of its n - f - 2 smallest distances to the others
+    (f = `byzantine`); the n - f lowest scores are kept, returned in reply order (ties: the
+    earlier reply first). Flower's `aggregate_krum` makes the same choice on plain Euclidean
+    distances but returns only the weighted average of the kept models, not which they are, and
+    BayesADMM needs which: the kept replies are the subset A of the server update and only
+    their dual increments are accepted. Needs every mean at once (n x P floats) and n^2 / 2
+    distances of P terms.
+    """
+    n = len(client_means)
+    if byzantine < 0 or n < 2 * byzantine + 3:
+        raise ValueError(f"multi-krum with f = {byzantine} needs at least {2 * byzantine + 3} "
+                         f"replies, got {n}")
+    scale = np.sqrt(global_precision)
+    scaled = [scale * np.asarray(mean, dtype=np.float64) for mean in client_means]
+    distances = np.zeros((n, n))
+    with np.errstate(over="ignore"):  # a mean far out is an infinite distance, not an error
+        for i in range(n):
+            for j in range(i + 1, n):
+                distances[i, j] = distances[j, i] = np.sum((scaled[i] - scaled[j]) ** 2)
+    closest = max(1, n - byzantine - 2)
+    scores = [np.sort(np.delete(distances[i], i))[:closest].sum() for i in range(n)]
+    return sorted(np.argsort(scores, kind="stable")[: n - byzantine].tolist())
+
+
 @dataclass(frozen=True)
 class ReplySums:
     """Per coordinate: sum of S_k, of S_k m_k, and how many replies were summed there (numpy;
@@ -383,8 +413,18 @@ class BayesADMM(FederatedStrategy):
         # server_update and accumulate_duals would sum the lists.
         received_mean = np.zeros_like(self.mean) if self.at_prior else self.mean
         duals, tiers = self.duals, [ReplySums(), ReplySums(), ReplySums()]
-        clipped_coords, clipped_nodes = 0, set()
-        for reply in valid:
+        clipped_coords, unaccepted = 0, set()  # nodes clipped or left out
+        left_out = self.left_out_by_multi_krum(valid)
+        for index, reply in enumerate(valid):
+            if index in left_out:
+                # Out of this round's subset A everywhere, and its increment is counted by
+                # neither side (the node is not marked accepted).
+                node = reply.metadata.src_node_id
+                unaccepted.add(node)
+                reason = f"node {node}: left out by multi-krum, dual increment not accepted"
+                self.last_round.reasons.append(reason)
+                log(WARNING, "Reply %s", reason)
+                continue
             arrays = reply.content.array_records
             sent_mean = flatten(record_to_numpy(arrays[records.ARRAYS])).astype(np.float64)
             sent_precision = flatten(record_to_numpy(arrays[records.PRECISION])).astype(np.float64)
@@ -405,7 +445,7 @@ class BayesADMM(FederatedStrategy):
                 # accepted, so it drops its pending one).
                 node = reply.metadata.src_node_id
                 clipped_coords += bounded.clipped_coords
-                clipped_nodes.add(node)
+                unaccepted.add(node)
                 reason = f"node {node}: {bounded.clipped_coords} coordinate(s) out of bounds " \
                     "left out of the average, dual increment not accepted"
                 self.last_round.reasons.append(reason)
@@ -436,7 +476,7 @@ class BayesADMM(FederatedStrategy):
         self.fallback_coords = update.fallback_coords
         for reply in valid:
             node = reply.metadata.src_node_id
-            if node in clipped_nodes:  # its increment is counted by neither side
+            if node in unaccepted:  # its increment is counted by neither side
                 continue
             self.accepted_round[node] = server_round
             config = reply.content.config_records.get(records.CONFIG)
@@ -450,5 +490,16 @@ class BayesADMM(FederatedStrategy):
         if metrics is not None:
             metrics["precision-fallback-coords"] = update.fallback_coords
             metrics["clipped-coords"] = clipped_coords
-            metrics["clipped-replies"] = len(clipped_nodes)
+            metrics["clipped-replies"] = len(unaccepted) - len(left_out)
+            if self.cfg.aggregation == "multi-krum":
+                metrics["left-out-replies"] = len(left_out)
         return self.global_records()[0], metrics
+
+    def left_out_by_multi_krum(self, valid: Sequence[Message]) -> set[int]:
+        """Indices into `valid` of the replies `multi_krum_keep` leaves out (none unless
+        `aggregation = "multi-krum"`): the only step that holds every reply's mean at once."""
+        if self.cfg.aggregation != "multi-krum":
+            return set()
+        means = [flatten(record_to_numpy(r.content.array_records[records.ARRAYS])) for r in valid]
+        kept = multi_krum_keep(means, self.precision, self.cfg.krum_byzantine)
+        return set(range(len(valid))) - set(kept)

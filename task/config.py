@@ -243,7 +243,8 @@ class RunConfig(BaseModel):
     aggregation: Literal["mean", "trimmed-mean", "median", "krum", "multi-krum"] = Field(
         "mean",
         description="FedAvg/FedPA: how the client updates are combined; all but `mean` hold "
-        "every reply in memory",
+        "every reply in memory. BayesADMM: `mean` or `multi-krum` (keeps the n - f replies "
+        "whose means are closest to the others', in global standard deviations)",
     )
     trim_fraction: float = Field(
         0.2, ge=0, lt=0.5, description="`trimmed-mean`: share of replies cut at each end"
@@ -425,15 +426,16 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _robust_settings_fit_the_strategy(self) -> "RunConfig":
         if self.strategy == "bayes-admm":
-            for key, value, off in (
-                ("aggregation", self.aggregation, "mean"),
-                ("max-client-weight", self.max_client_weight, 1.0),
-                ("clip-norm", self.clip_norm, 0.0),
+            for key, value, fits in (
+                ("aggregation", self.aggregation, ("mean", "multi-krum")),
+                ("max-client-weight", self.max_client_weight, (1.0,)),
+                ("clip-norm", self.clip_norm, (0.0,)),
             ):
-                if value != off:
+                if value not in fits:
                     raise ValueError(
                         f"'{key}' = {value!r} applies to fedavg and fedpa; bayes-admm bounds "
-                        "replies with precision-ratio-bound, precision-min/max, mean-shift-bound"
+                        "replies with precision-ratio-bound, precision-min/max, mean-shift-bound "
+                        "and takes aggregation 'mean' or 'multi-krum'"
                     )
         if 0 < self.precision_ratio_bound < 1:
             raise ValueError("'precision-ratio-bound' must be 0 (off) or at least 1")

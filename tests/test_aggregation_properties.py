@@ -41,6 +41,7 @@ from strategies.bayes_admm import (
     bound_reply,
     client_dual_increment,
     cosine_lr,
+    multi_krum_keep,
     server_update,
 )
 from strategies.fedavg import aggregate_round, server_sgd_step, weighted_mean
@@ -984,6 +985,31 @@ def test_bound_reply_always_lands_inside_the_bounds(data):
     # Idempotent: a clipped reply is inside the bounds.
     again = bound_reply(bounded.mean, bounded.precision, global_mean, global_precision, ratio, low, high, shift)
     assert again.clipped_coords == 0
+
+
+@PROPERTY
+@given(st.data())
+def test_multi_krum_keep_never_keeps_f_far_replies(data):
+    """n replies, f of them (any f with n >= 2f + 3) more than 1000 sqrt(n) global standard
+    deviations from every honest one, honest ones within 1 of a centre, per coordinate: the
+    n - f kept are exactly the honest ones (Krum's guarantee: a far reply's n - f - 2 nearest
+    include at least two honest ones), whatever the global precision and the far replies'
+    places (clustered or not)."""
+    size = data.draw(st.integers(1, 5))
+    n = data.draw(st.integers(3, 9))
+    f = data.draw(st.integers(0, (n - 3) // 2))
+    vec = lambda elements: data.draw(hnp.arrays(np.float64, size, elements=elements))  # noqa: E731
+    precision = vec(st.floats(1e-4, 1e4))
+    centre = vec(st.floats(-10, 10))
+    far = data.draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=f, max_size=f))
+    honest = [centre + vec(st.floats(-1, 1)) for _ in range(n - f)]
+    hostile = [centre + sign * 1000 * math.sqrt(n) * 2 + vec(st.floats(-1, 1)) for sign in far]
+    order = data.draw(st.permutations(range(n)))
+    standard = [(honest + hostile)[i] for i in order]  # in global standard deviations
+    means = [x / np.sqrt(precision) for x in standard]
+    kept = multi_krum_keep(means, precision, f)
+    assert kept == sorted(set(kept)) and len(kept) == n - f
+    assert kept == [position for position, i in enumerate(order) if i < n - f]
 
 
 @PROPERTY

@@ -221,15 +221,15 @@ def test_dual_sums_stay_equal_across_a_resume_that_draws_new_node_ids(tmp_path):
     assert resumed.client_ids and set(resumed.client_ids.values()) <= {f"partition-{p}" for p in range(6)}
 
 
-def _federation_with_a_hostile_round(overrides, attack_rounds, num_rounds=8):
-    """Four real IVON nodes; node 4 replies with precision 1e30 and mean 7 (issue 14's pinning
-    attack) in `attack_rounds`, and is honest again afterwards. Yields the strategy each round,
-    after checking that the server's dual sums equal what the nodes hold."""
+def _federation_with_a_hostile_round(overrides, attack_rounds, num_rounds=8, num_nodes=4):
+    """`num_nodes` real IVON nodes; the last replies with precision 1e30 and mean 7 (issue 14's
+    pinning attack) in `attack_rounds`, and is honest again afterwards. Yields the strategy each
+    round, after checking that the server's dual sums equal what the nodes hold."""
     from benchmarks.inprocess import _set_task_identity
 
     run_config = {**default_run_config(), **SMALL, "min-train-nodes": 3, **overrides}
     cfg = parse_run_config(run_config)
-    grid = InProcessGrid(run_config, num_nodes=4)
+    grid = InProcessGrid(run_config, num_nodes=num_nodes)
     strategy = STRATEGIES["bayes-admm"](cfg, model_to_record(build_model(cfg, data_spec(cfg))))
     _set_task_identity()
     for server_round in range(1, num_rounds + 1):
@@ -283,3 +283,94 @@ def test_a_pinning_reply_is_clipped_and_honest_rounds_pull_the_global_back():
     assert all(later < 1.01 * earlier for earlier, later in zip(distances[1:], distances[2:]))
     assert distances[-1] < 0.25 * distances[1]
     assert all(abs(ratio - 1) < 0.01 for ratio in ratios)
+
+
+def _multi_krum_round(fake_grid, overrides, means, precisions):
+    """One round of a BayesADMM server over len(means) nodes whose replies are (means[k],
+    precisions[k]) on a 3-vector; returns the strategy and the round's metrics."""
+    cfg = parse_run_config({**default_run_config(), **SMALL, "min-train-nodes": len(means),
+                            **overrides})
+    initial = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    strategy = BayesADMM(cfg, initial)
+    msgs = list(strategy.configure_train(1, initial, ConfigRecord(),
+                                         fake_grid(list(range(1, len(means) + 1)))))
+    replies = [reply(msg, RecordDict({
+        records.ARRAYS: ArrayRecord({"w": Array(np.asarray(m, dtype=np.float32))}),
+        records.PRECISION: ArrayRecord({"w": Array(np.asarray(s, dtype=np.float32))}),
+        records.METRICS: MetricRecord({records.NUM_EXAMPLES: 10}),
+    })) for msg, m, s in zip(msgs, means, precisions)]
+    _, metrics = strategy.aggregate_train(1, replies)
+    return strategy, metrics
+
+
+def _plain_rule(strategy, means, precisions):
+    """The server update and dual sums of strategies/bayes_admm.py's list functions, on the wire."""
+    from strategies.bayes_admm import accumulate_duals, client_dual_increment, server_update
+
+    means = [np.asarray(m, np.float32).astype(np.float64) for m in means]
+    precisions = [np.asarray(s, np.float32).astype(np.float64) for s in precisions]
+    received, sent_precision = np.zeros(3), strategy.prior_precision
+    increments = [client_dual_increment(received, sent_precision, m, s, strategy.cfg.admm_rho,
+                                        strategy.cfg.dual_damping)
+                  for m, s in zip(means, precisions)]
+    duals = accumulate_duals(type(strategy.duals).zeros_like(received), increments)
+    update = server_update(means, precisions, duals.mean, duals.precision, strategy.cfg.admm_rho,
+                           strategy.prior_precision, strategy.num_clients)
+    return strategy.on_the_wire(update.mean), strategy.on_the_wire(update.precision), duals
+
+
+HONEST_MEANS = [[0.1, -0.2, 0.3], [0.2, -0.1, 0.2], [0.0, -0.3, 0.4], [0.15, -0.25, 0.35]]
+HONEST_PRECISIONS = [[2.0, 3.0, 4.0], [3.0, 2.0, 4.0], [2.5, 2.5, 3.0], [2.0, 4.0, 3.5]]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"aggregation": "multi-krum", "krum-byzantine": 0}])
+def test_without_a_left_out_reply_the_server_keeps_the_plain_rule_bit_for_bit(fake_grid, overrides):
+    """The default (`aggregation = "mean"`), and multi-krum when it keeps every reply (f = 0),
+    give bit for bit the list functions' update and dual sums: the combiner off changes nothing."""
+    means, precisions = HONEST_MEANS + [[0.05, -0.15, 0.25]], HONEST_PRECISIONS + [[3.0] * 3]
+    strategy, metrics = _multi_krum_round(fake_grid, overrides, means, precisions)
+    mean, precision, duals = _plain_rule(strategy, means, precisions)
+    assert strategy.mean.tobytes() == mean.tobytes()
+    assert strategy.precision.tobytes() == precision.tobytes()
+    assert strategy.duals.mean.tobytes() == duals.mean.tobytes()
+    assert strategy.duals.precision.tobytes() == duals.precision.tobytes()
+    assert sorted(strategy.accepted_round) == [1, 2, 3, 4, 5]
+    assert metrics.get("left-out-replies", 0) == 0
+
+
+def test_multi_krum_leaves_out_a_hostile_reply_and_its_dual_increment(fake_grid):
+    """Node 5 sends the mean 50 (inside the default mean-shift bound of 1000 prior standard
+    deviations, so no bound clips it): multi-krum leaves it out, logs why, does not mark it
+    accepted, and the server's update is the plain rule over the four others, bit for bit."""
+    means, precisions = HONEST_MEANS + [[50.0] * 3], HONEST_PRECISIONS + [[3.0] * 3]
+    strategy, metrics = _multi_krum_round(fake_grid, {"aggregation": "multi-krum"}, means, precisions)
+    assert metrics["left-out-replies"] == 1 and metrics["clipped-replies"] == 0
+    assert strategy.last_round.reasons == [
+        "node 5: left out by multi-krum, dual increment not accepted"]
+    assert sorted(strategy.accepted_round) == [1, 2, 3, 4]
+    mean, precision, duals = _plain_rule(strategy, HONEST_MEANS, HONEST_PRECISIONS)
+    assert strategy.mean.tobytes() == mean.tobytes()
+    assert strategy.precision.tobytes() == precision.tobytes()
+    assert strategy.duals.mean.tobytes() == duals.mean.tobytes()
+    assert strategy.duals.precision.tobytes() == duals.precision.tobytes()
+    # Undefended, the same reply drags the mean toward 50.
+    plain, _ = _multi_krum_round(fake_grid, {}, means, precisions)
+    assert np.all(plain.mean > 5 * np.abs(strategy.mean))
+
+
+def test_multi_krum_leaves_out_a_real_hostile_node_and_the_duals_stay_in_step():
+    """Five real IVON nodes, multi-krum (f = 1); node 5 sends the pinning reply in rounds 2-3.
+    It is left out those rounds (multi-krum decides before the bounds), its node does not
+    commit the increment, and the server's dual sums equal what the nodes hold every round
+    (checked by the helper). In the other rounds multi-krum leaves out an honest node (measured:
+    nodes 4, 2, 4 in rounds 1, 4, 5)."""
+    overrides = {"aggregation": "multi-krum", "min-train-nodes": 5}
+    for server_round, (strategy, metrics) in enumerate(
+        _federation_with_a_hostile_round(overrides, (2, 3), 5, num_nodes=5), start=1
+    ):
+        assert metrics["left-out-replies"] == 1
+        if server_round in (2, 3):
+            assert "node 5: left out by multi-krum, dual increment not accepted" in \
+                strategy.last_round.reasons
+            assert strategy.accepted_round.get(5, 0) < server_round
+        assert np.isfinite(strategy.mean).all() and np.all(strategy.precision < 1e12)

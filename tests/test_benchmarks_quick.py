@@ -135,10 +135,14 @@ def test_attacks_quick_no_attack_crashes_and_the_recommended_setting_holds(tmp_p
     fedavg = summary["fedavg"]
     for attack, cell in fedavg[RECOMMENDED].items():
         assert cell["cost_points"] <= QUICK_MAX_COST, (attack, cell)
+    # So does BayesADMM's (multi-krum), attacks only: in 3 rounds its honest run is behind,
+    # having left out an honest node (measured 68.1 against 81.7; docs/ALGORITHMS.md).
+    for attack, cell in summary["bayes-admm"][RECOMMENDED].items():
+        if attack != HONEST:
+            assert cell["cost_points"] <= QUICK_MAX_COST, (attack, cell)
     # BayesADMM's hijacks are held by every setting, the defaults included (out-of-bounds
-    # coordinates are left out of the average), against the honest run with the same setting:
-    # the ratio bound itself slows round 1 (docs/BENCHMARKS.md, "Attacks"). Its bounds do not
-    # stop the attacks on the mean, so those are not asserted here.
+    # coordinates are left out of the average), against the honest run with the same setting
+    # (docs/BENCHMARKS.md, "Attacks").
     for defence, by_attack in summary["bayes-admm"].items():
         honest = by_attack[HONEST]["accuracy"]["mean"]
         for attack in ("precision-hijack", "mean-hijack"):

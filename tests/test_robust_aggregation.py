@@ -217,6 +217,8 @@ def test_adaptive_clip_norm_moves_and_is_checkpointed():
         ({"clip-norm-adaptive": True}, "needs 'clip-norm' > 0"),
         ({"strategy": "bayes-admm", "optimizer": "ivon", "aggregation": "median",
           "min-train-nodes": 3}, "applies to fedavg and fedpa"),
+        ({"strategy": "bayes-admm", "optimizer": "ivon", "aggregation": "multi-krum",
+          "min-train-nodes": 4}, "needs min-train-nodes >= 2f + 3 = 5, got 4"),
         ({"max-client-weight": 0}, "max-client-weight"),
         ({"precision-ratio-bound": 0.5}, "at least 1"),
         ({"strategy": "bayes-admm", "optimizer": "ivon", "prior-precision": 1e13},
