@@ -91,7 +91,12 @@ def load_global_model(run_dir: str | Path) -> GlobalModel:
             raise TypeError(f"a JSON {type(card).__name__}, not an object")
         if card.get("format") != KNOWN_FORMAT:
             raise ConfigError(f"{card_path} has format {card.get('format')!r}, not {KNOWN_FORMAT}")
-        cfg = parse_run_config(card["architecture"])
+        # The architecture is checked against the run's own data set (a cnn1d does not fit the
+        # default one); cards of data sets named by path or hub id skip that check alike.
+        dataset = card.get("dataset")
+        cfg = parse_run_config(
+            {**card["architecture"], **({"dataset": dataset} if isinstance(dataset, str) else {})}
+        )
         shape, classes = card["input-shape"], card["num-classes"]
         if not (isinstance(shape, list) and shape and all(_positive_int(n) for n in shape)):
             raise TypeError(f"input-shape {shape!r} is not a list of positive integers")

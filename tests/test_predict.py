@@ -132,3 +132,20 @@ def test_inputs_of_another_shape_are_one_clear_line(image_run, tmp_path, capsys)
     assert capsys.readouterr().err == (
         "error: inputs of shape (4, 1, 28, 28) do not fit the model's input shape (1, 10, 10) "
         "(N x 100 values)\n")
+
+
+def test_a_cnn1d_run_on_mnist1d_predicts_from_its_folder(tmp_path):
+    """The card's architecture is checked against the run's own data set, not the default one
+    (a cnn1d does not fit digits' images)."""
+    out = tmp_path / "run"
+    simulate({"dataset": "mnist1d", "mnist1d-samples": 400, "model": "cnn1d",
+              "strategy": "bayes-admm", "optimizer": "ivon", "local-epochs": 1,
+              "num-server-rounds": 1, "fraction-evaluate": 0.0, "eval-mc-samples": 2,
+              "output-dir": str(out)}, num_nodes=2)
+    model = load_global_model(out)
+    assert model.cfg.model == "cnn1d" and model.spec.input_shape == (40,)
+    assert model.precision is not None  # BayesADMM's posterior, for the BMA
+    x = np.random.default_rng(0).standard_normal((5, 40)).astype(np.float32)
+    prediction = predict(model, x, samples=3)
+    assert prediction.probs.shape == (5, 10)
+    np.testing.assert_allclose(prediction.probs.sum(axis=1), 1.0, rtol=1e-5)
