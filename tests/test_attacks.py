@@ -26,7 +26,7 @@ from benchmarks.attacks import (
     hostile_reply,
     model_replacement,
 )
-from strategies.bayes_admm import ReplySums, average_in_bounds, bound_reply
+from strategies.bayes_admm import ReplySums, average_in_bounds, bound_reply, multi_krum_keep
 from strategies.fedavg import weighted_mean
 from strategies.robust import cap_weights, robust_combine
 from task import records
@@ -123,6 +123,35 @@ def test_every_attack_meets_a_robust_combiner_that_ignores_it(attack, defence):
     else:
         combined = robust_combine(defence, deltas, weights, trim_fraction=0.2, byzantine=1)[0]
     assert np.linalg.norm(combined - honest_mean) <= spread
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_every_attack_on_bayes_admm_is_left_out_by_multi_krum(attack):
+    """BayesADMM's recommended setting (`aggregation = "multi-krum"`): whatever the attack, the
+    hostile reply (index 0) is left out, and the precision-weighted mean of the kept replies stays
+    within the honest replies' spread around their own."""
+    rng = RNG(7)
+    global_mean, global_precision = rng.normal(size=30), rng.uniform(1e2, 1e4, 30)
+    direction = rng.normal(0, 3, 30) / np.sqrt(global_precision)  # the honest nodes' common step
+    honest = [
+        Reply(global_mean + direction + rng.normal(0, 1, 30) / np.sqrt(global_precision),
+              global_precision * rng.uniform(1, 2, 30), int(rng.integers(50, 200)))
+        for _ in range(9)
+    ]
+    hostile = ATTACKS[attack](honest[0], global_mean, RNG(8))
+    replies = [hostile, *honest]
+
+    kept = multi_krum_keep([r.model for r in replies], global_precision, byzantine=1)
+
+    assert 0 not in kept and len(kept) == 9
+
+    def precision_weighted(rs):
+        return sum(r.precision * r.model for r in rs) / sum(r.precision for r in rs)
+
+    honest_mean = precision_weighted(honest)
+    spread = max(np.max(np.abs(r.model - honest_mean) * np.sqrt(global_precision)) for r in honest)
+    combined = precision_weighted([replies[i] for i in kept])
+    assert np.max(np.abs(combined - honest_mean) * np.sqrt(global_precision)) <= spread
 
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
