@@ -19,6 +19,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from server_app.checkpoint import CHECKPOINT
+from server_app.figures import new_figure, save_figure
 from server_app.uncertainty import UncertaintyReport, plot_reliability, plot_uncertainty
 from server_app.personal import PERSONAL_PLOT
 from task.config import ConfigError, RunConfig
@@ -197,13 +198,9 @@ def posterior_arrays(mean: ArrayRecord, precision: ArrayRecord) -> dict[str, np.
 
 
 def plot_rounds(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig, axes = new_figure(2, (10, 4))
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     x = [r["round"] for r in rounds]
     for ax, metric in zip(axes, ("accuracy", "nll")):
         ax.plot(x, [r[metric] for r in rounds], marker="o", label="mean prediction")
@@ -214,7 +211,4 @@ def plot_rounds(rounds: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{title}: server test set")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, f"{title}: server test set")

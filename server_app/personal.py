@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Message
 
+from server_app.figures import new_figure, save_figure
 from task import records
 from task.personal import worst_share_mean
 
@@ -68,13 +69,9 @@ def plot_personal(rounds: list[dict[str, Any]], path: Path, title: str) -> Path 
     scored = [r for r in rounds if r.get("personalization")]
     if not scored:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig, axes = new_figure(2, (10, 4))
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     x = [r["round"] for r in scored]
     for ax, metric in zip(axes, ("accuracy", "nll")):
         for i, (model, style) in enumerate((("global", "o"), ("personal", "s"), ("personal_bma", "^"))):
@@ -90,8 +87,5 @@ def plot_personal(rounds: list[dict[str, Any]], path: Path, title: str) -> Path 
         ax.set_ylabel(f"client test {metric}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{title}: global vs personal models on the nodes' test splits")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, f"{title}: global vs personal models on the nodes' test splits")
     return path

@@ -21,6 +21,7 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
+from server_app.figures import new_figure, save_figure
 from task.config import RunConfig
 from task.data import ArrayData
 from task.metrics import classification_metrics, predict_probs, reliability_bins
@@ -167,15 +168,10 @@ def plot_uncertainty(rounds: list[dict[str, Any]], path: Path, title: str) -> bo
     evaluated = [r for r in rounds if r.get("uncertainty")]
     if not evaluated:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     x = [r["round"] for r in evaluated]
     last = evaluated[-1]
     predictives = [p for p in ("mean", "bma") if p in last["uncertainty"]]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    fig, axes = new_figure(4, (18, 4))
     styles = {"mean": "-", "bma": "--"}
     oods = list(last["uncertainty"]["mean"]["ood_auroc_entropy"])
     colors = {ood: f"C{i}" for i, ood in enumerate(oods)}
@@ -214,10 +210,7 @@ def plot_uncertainty(rounds: list[dict[str, Any]], path: Path, title: str) -> bo
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{title}: uncertainty of the global model")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, f"{title}: uncertainty of the global model")
     return True
 
 
@@ -227,14 +220,9 @@ def plot_reliability(rounds: list[dict[str, Any]], path: Path, title: str) -> bo
     evaluated = [r for r in rounds if r.get("uncertainty")]
     if not evaluated:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     last = evaluated[-1]
     predictives = [p for p in ("mean", "bma") if p in last["uncertainty"]]
-    fig, axes = plt.subplots(1, len(predictives), figsize=(5 * len(predictives), 4.5), squeeze=False)
+    fig, axes = new_figure(len(predictives), (5 * len(predictives), 4.5), squeeze=False)
     for ax, name in zip(axes[0], predictives):
         bins = last["uncertainty"][name]["reliability"]
         count = len(bins["share"])
@@ -248,8 +236,5 @@ def plot_reliability(rounds: list[dict[str, Any]], path: Path, title: str) -> bo
         ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
                title=f"{label} (ECE {ece:.3f})" if ece is not None else label)
         ax.legend(loc="upper left")
-    fig.suptitle(f"{title}: reliability on the test set, round {last['round']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, f"{title}: reliability on the test set, round {last['round']}")
     return True
