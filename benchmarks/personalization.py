@@ -1,4 +1,4 @@
-"""Personalized models on heterogeneous digits: accuracy on each node's own test split.
+"""Personalized models on heterogeneous digits and MNIST-1D: accuracy on each node's own test split.
 
 Every node holds out `client-test-fraction` (0.2) of its data, seeded and never trained on; a
 method is scored there by the personal models' accuracy, NLL and ECE at the end of the run, as
@@ -16,12 +16,12 @@ nodes, next to the global model's on the same splits (from the same run). Method
   with lambda picked by each node on a validation split of its own training data (`personal-weight
   = auto`: `personal-val-fraction` of the training split, not trained on; never the test split).
 
-Each method runs with its tuned digits preset (presets/<method>-digits.toml); a setting replaces
+Each method runs with its tuned preset for the data set (presets/<method>-<dataset>.toml); a setting replaces
 only the data keys, and every method trains 5 local epochs per round (BayesADMM's preset has 10,
 with a beta2 for them: it runs with beta2 "auto" here), so the local compute is equal except
 Ditto's personal epochs (listed in the table).
 
-    python benchmarks/personalization.py            # 2 settings, 3 seeds, 20 rounds, K = 10
+    python benchmarks/personalization.py            # 4 settings, 3 seeds, 20 rounds, K = 10
     python benchmarks/personalization.py --quick    # smoke run: 1 setting, 1 seed, 2 rounds, K = 5
     python benchmarks/personalization.py --settings digits-patho2 --seeds 0 --rounds 20
 
@@ -53,26 +53,30 @@ from benchmarks.heterogeneity import _preset  # noqa: E402
 SETTINGS: dict[str, dict[str, Any]] = {
     "digits-patho2": {"dataset": "digits", "partitioner": "pathological", "classes-per-client": 2},
     "digits-dir0.1": {"dataset": "digits", "partitioner": "dirichlet", "dirichlet-alpha": 0.1},
+    # 5,000 signals, 4,000 of them over the nodes: 400 per node at K = 10, 40 at K = 100.
+    "mnist1d-patho2": {"dataset": "mnist1d", "partitioner": "pathological", "classes-per-client": 2},
+    "mnist1d-dir0.1": {"dataset": "mnist1d", "partitioner": "dirichlet", "dirichlet-alpha": 0.1},
 }
 DATA_KEYS = {"dataset", "partitioner", "dirichlet-alpha", "classes-per-client"}
 PERSONAL_EPOCHS = 5  # fine-tuning and Ditto's personal epochs: the FedAvg preset's local epochs
 
-# method -> (preset, overrides on top of it); "local-only" has no federation.
+# method -> (preset method, overrides on top of it): the preset is presets/<method>-<dataset>.toml
+# (the network included: MNIST-1D's is `cnn1d`); "local-only" has no federation.
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "local-only": ("fedavg-digits.toml", {}),
-    "fedavg+ft": ("fedavg-digits.toml", {"personalize": "finetune"}),
-    "ditto": ("fedavg-digits.toml", {"personalize": "ditto", "ditto-lambda": 0.1}),
-    "fedpa+ft": ("fedpa-digits.toml", {"personalize": "finetune"}),
-    "bayes-admm local": ("bayes-admm-digits.toml", {"personalize": "posterior", "personal-weight": 1e9}),
-    "bayes-admm interp": ("bayes-admm-digits.toml", {"personalize": "posterior", "personal-weight": "auto"}),
+    "local-only": ("fedavg", {}),
+    "fedavg+ft": ("fedavg", {"personalize": "finetune"}),
+    "ditto": ("fedavg", {"personalize": "ditto", "ditto-lambda": 0.1}),
+    "fedpa+ft": ("fedpa", {"personalize": "finetune"}),
+    "bayes-admm local": ("bayes-admm", {"personalize": "posterior", "personal-weight": 1e9}),
+    "bayes-admm interp": ("bayes-admm", {"personalize": "posterior", "personal-weight": "auto"}),
     # The preset's cosine schedule takes the last rounds' learning rate to ~0 (0.6% of lr in
     # round 20 of 20): the last local solve then hardly leaves the global. A constant rate:
     "bayes-admm local const-lr": (
-        "bayes-admm-digits.toml",
+        "bayes-admm",
         {"personalize": "posterior", "personal-weight": 1e9, "cosine-lr": False},
     ),
     "bayes-admm interp const-lr": (
-        "bayes-admm-digits.toml",
+        "bayes-admm",
         {"personalize": "posterior", "personal-weight": "auto", "cosine-lr": False},
     ),
 }
@@ -109,7 +113,8 @@ FULL = {
 
 def run_overrides(method: str, setting: str, seed: int, rounds: int, args) -> dict[str, Any]:
     preset, extra = METHODS[method]
-    config = {k: v for k, v in _preset(preset).items() if k not in DATA_KEYS}
+    dataset = SETTINGS[setting]["dataset"]
+    config = {k: v for k, v in _preset(f"{preset}-{dataset}.toml").items() if k not in DATA_KEYS}
     config |= SETTINGS[setting] | extra
     config |= {"num-server-rounds": rounds, "seed": seed, "personal-eval-every": rounds}
     if config.get("personalize") in ("finetune", "ditto"):
