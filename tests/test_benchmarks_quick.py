@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # The attack benchmark's --quick run (3 rounds): most accuracy points an attack may cost under
 # the recommended setting against the honest run with defaults.
@@ -203,3 +205,19 @@ def test_tuning_quick_scores_every_candidate_and_writes_valid_presets(tmp_path):
         assert f"| {method} |" in table
     assert set(GRIDS) == set(METHODS)
     assert all(len(grid) == GRID_SIZE for grid in GRIDS.values())  # the same budget for each
+
+
+def test_bma_gap_quick_scores_the_runs_own_test_split(tmp_path):
+    results, table = _run_quick(
+        "bma_gap", tmp_path / "results", "--seeds", "1", "--variant", "mc-samples=1", stem="bma-gap"
+    )
+    (run,) = results["runs"]
+    assert run["seed"] == 1 and run["keys"]["mc-samples"] == 1
+    # the seed's own test split: the server scored the same network on it
+    assert run["mean_nll"] == pytest.approx(run["server_nll"], rel=1e-4)
+    by_divisor = run["nll_by_divisor"]
+    assert by_divisor[str(run["best_divisor"])] == min(by_divisor.values())
+    assert by_divisor["1.0"] == run["mean_nll"]
+    for key in ("bma_nll_x1", "bma_nll_x2", "bma_nll_x4"):
+        assert math.isfinite(run[key])
+    assert "| 1 |" in table
