@@ -147,6 +147,7 @@ def test_q8_evaluate_messages_take_about_a_quarter_of_the_bytes(tmp_path):
     assert strip(fp32) == strip(explicit)
     for ours, theirs in zip(q8, fp32):
         assert ours["eval_replies"] == NODES and not ours["eval_problems"], ours
-        # int8 per value and a float32 scale per 256 values: 0.266x the data, plus headers.
-        assert 0.25 < ours["eval_bytes_down"] / theirs["eval_bytes_down"] < 0.28
+        # An int8 per value and a float32 scale per 256 values: 0.254x the data, plus headers
+        # and the config (0.255x measured).
+        assert 0.25 < ours["eval_bytes_down"] / theirs["eval_bytes_down"] < 0.27
     assert q8[-1]["client_accuracy"] >= fp32[-1]["client_accuracy"] - 0.05
