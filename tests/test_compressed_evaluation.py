@@ -128,6 +128,16 @@ def test_a_malformed_evaluate_payload_gets_an_error_reply_naming_it(trained, pay
     assert strategy.last_evaluate.failed == 1 and reason in strategy.last_evaluate.reasons[0]
 
 
+def test_a_malformed_train_payload_gets_the_same_error_reply(trained):
+    strategy, grid = _federation(**Q8, **{"codec-reference": "none"})  # round 1 compressed too
+    msg = list(strategy.configure_train(1, trained, ConfigRecord(), grid))[0]
+    msg.content[records.ARRAYS] = _claiming_a_terabyte()
+    replies = grid.send_and_receive([msg])
+    assert replies[0].has_error()
+    assert "the server's 'arrays' cannot be decoded" in replies[0].error.reason
+    assert "has shape (1000000000000,)" in replies[0].error.reason
+
+
 SHORT = {"num-server-rounds": 2, "local-epochs": 1, "fraction-evaluate": 1.0}
 
 
