@@ -14,6 +14,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from client_app import personal
+from client_app.compression import UndecodablePayload
 from client_app.local import ClientRound, device_for, node_data, node_seed
 from client_app.state import ClientState, ClientStateError
 from task import records
@@ -57,7 +58,7 @@ def _state(msg: Message, context: Context) -> ClientState:
     return ClientState(context, config.get(records.STATE_KEY), config.get(records.CLIENT_STATE_DIR))
 
 
-def _refusal(msg: Message, err: ClientStateError) -> Message:
+def _refusal(msg: Message, err: ClientStateError | UndecodablePayload) -> Message:
     """An error reply naming why this node cannot go on (the server logs it, counts it failed)."""
     log(ERROR, "Node refuses the message: %s", err)
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(err)), reply_to=msg)
@@ -73,7 +74,7 @@ def train(msg: Message, context: Context) -> Message:
                 state.save(state.load() | round_.codec_state, round_.server_round)
             personal.after_train(round_, reply, msg, context)
             return Message(reply, reply_to=msg)
-    except ClientStateError as err:
+    except (ClientStateError, UndecodablePayload) as err:
         return _refusal(msg, err)
 
 
@@ -81,11 +82,12 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     try:
         round_, val = _round(msg, context)  # evaluating reads no state: no lock
-    except ClientStateError as err:
+        model = round_.model_at() if len(val) else None  # decodes a compressed global
+    except (ClientStateError, UndecodablePayload) as err:
         return _refusal(msg, err)
     metrics = {records.NUM_EXAMPLES: 0}  # nothing held out (client-test-fraction 0, tiny node)
-    if len(val):
-        probs = predict_probs(round_.model_at(), val.x, round_.device)
+    if model is not None:
+        probs = predict_probs(model, val.x, round_.device)
         metrics = dict(classification_metrics(probs, val.y)) | {records.NUM_EXAMPLES: len(val)}
         if personal.evaluates(round_.cfg, round_.server_round):
             try:

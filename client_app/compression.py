@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 DOWNLINK_ROUND = "codec-downlink-round"  # state: the round of the global kept as reference
 
 
+class UndecodablePayload(ValueError):
+    """The server's message does not decode in the run's downlink codec (the node refuses it)."""
+
+
 def _reference_key(name: str) -> str:
     return f"codec-downlink-{name}"
 
@@ -32,7 +36,8 @@ def _residual_key(name: str) -> str:
 
 def received_arrays(round_: ClientRound, like: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
     """The message's ArrayRecords as the model's arrays (`like`: keys, shapes, dtypes), decoded
-    from the downlink codec where the server compressed them."""
+    from the downlink codec where the server compressed them (a train or an evaluate message;
+    reference round 0: not a difference); UndecodablePayload names why one cannot be."""
     cfg, config = round_.cfg, round_.config
     codec = link_codec(cfg, DOWNLINK)
     shift = shifts(cfg, codec)
@@ -42,17 +47,18 @@ def received_arrays(round_: ClientRound, like: dict[str, np.ndarray]) -> dict[st
         received = {name: record_to_numpy(record) for name, record in content.items()}
     else:
         reference_round = int(config[records.DOWNLINK_REFERENCE])
-        saved = round_.state.load() if shift else {}
+        differences = shift and reference_round > 0
+        saved = round_.state.load() if differences else {}
         size = sum(a.size for a in like.values())
         received = {}
         for name, record in content.items():
             reference = None
-            if shift and table[name].shifted:
+            if differences and table[name].shifted:
                 reference = _reference(saved, name, reference_round, round_)
             try:
                 vector = unpack(record, reference, table[name], codec, size)
             except ValueError as error:
-                raise ValueError(f"the server's '{name}' cannot be decoded: {error}") from None
+                raise UndecodablePayload(f"the server's '{name}' cannot be decoded: {error}") from None
             with np.errstate(over="ignore"):
                 received[name] = unflatten(vector, like)
     if shift:  # the next round's message may be a difference to this one

@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 
 from task import records
 from task.compression import (
-    DOWNLINK, UPLINK, link_codec, pack, payload_seed, payloads, shifts, unpack,
+    DOWNLINK, EVALUATE, UPLINK, link_codec, pack, payload_seed, payloads, shifts, unpack,
 )
 from task.config import RunConfig
 from task.params import decode_array, flatten, numpy_to_record, record_to_numpy, unflatten
@@ -121,8 +121,7 @@ class FederatedStrategy(Strategy):
                 sent[name] = vector
                 continue
             reference = self.sent[name] if shift and table[name].shifted else None
-            seed = payload_seed(self.cfg.seed, server_round, DOWNLINK, name)
-            packed[name], sent[name], _ = pack(vector, reference, table[name], codec, seed)
+            packed[name], sent[name] = self.pack_global(server_round, DOWNLINK, name, vector, reference)
         with np.errstate(over="ignore"):  # a value beyond float32: the receivers' checks say so
             sent = {name: unflatten(vector, self.like) for name, vector in sent.items()}
         dense = {name: numpy_to_record(arrays) for name, arrays in sent.items()}
@@ -137,6 +136,29 @@ class FederatedStrategy(Strategy):
         self.sent = {name: flatten(arrays).astype(np.float64) for name, arrays in sent.items()}
         self.sent_round, self.holders = server_round, set()
         return contents
+
+    def pack_global(
+        self, server_round: int, purpose: str, name: str, vector: np.ndarray,
+        reference: np.ndarray | None,
+    ) -> tuple[ArrayRecord, np.ndarray]:
+        """(the record carrying the flat `vector` of record `name` in the downlink codec, the
+        vector as the nodes decode it); q8's rounding is seeded per run, round, `purpose`
+        (a train or an evaluate message) and record."""
+        seed = payload_seed(self.cfg.seed, server_round, purpose, name)
+        payload = payloads(self.cfg.strategy, DOWNLINK)[name]
+        record, decoded, _ = pack(vector, reference, payload, self.downlink, seed)
+        return record, decoded
+
+    def evaluate_arrays(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord:
+        """The global `arrays` as an evaluate message carries them: in the downlink codec, which
+        `config` then names with DOWNLINK_REFERENCE 0, a difference to nothing (a node sampled
+        for evaluation need not hold the shift's reference). fp32 sends them as they are, and
+        so does top-k, which only carries differences to a reference."""
+        if self.downlink.name == "fp32" or self.downlink.drops_values:
+            return arrays
+        config[records.DOWNLINK_REFERENCE] = 0
+        vector = flatten([decode_array(arrays[key]) for key in self.like]).astype(np.float64)
+        return self.pack_global(server_round, EVALUATE, records.ARRAYS, vector, None)[0]
 
     def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         out = ConfigRecord(dict(config))
@@ -253,8 +275,9 @@ class FederatedStrategy(Strategy):
         if self.cfg.fraction_evaluate == 0 or self.cfg.client_test_fraction == 0:
             return []  # no client-side evaluation asked for, or no client holds data out for it
         nodes = self.sample_nodes(grid, self.cfg.fraction_evaluate, 1)
+        config = self.round_config(server_round, config)
         content = RecordDict(
-            {records.ARRAYS: arrays, records.CONFIG: self.round_config(server_round, config)}
+            {records.ARRAYS: self.evaluate_arrays(server_round, arrays, config), records.CONFIG: config}
         )
         return self.messages({n: content for n in nodes}, MessageType.EVALUATE, server_round)
 

@@ -114,6 +114,12 @@ class Codec:
         return None
 
     @property
+    def drops_values(self) -> bool:
+        """Whether most values decode as 0 (top-k): it carries differences to a reference the
+        receiver holds, never a model's weights on their own."""
+        return self.name == "topk"
+
+    @property
     def keeps_residual(self) -> bool:
         """Whether the sender carries what it did not send into its next message (top-k)."""
         return self.name == "topk"

@@ -23,6 +23,7 @@ from task.config import RunConfig
 from task.params import decode_array, encode_array
 
 UPLINK, DOWNLINK = "uplink", "downlink"
+EVALUATE = "evaluate"  # the global in an evaluate message: downlink codec, its own q8 rounding seed
 
 
 @dataclass(frozen=True)

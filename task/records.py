@@ -17,6 +17,7 @@ CLIENT_ID = "client-id"  # BayesADMM reply: the node's identity that outlives a 
 # a new Flower run gave the nodes new ids): the resumed run's accepted round per client-id.
 ACCEPTED_CLIENTS = "accepted-clients"
 ACCEPTED_ROUNDS = "accepted-rounds"
-# A train message whose arrays are compressed (task/compression.py): the round of the global it
-# is a difference to (codec-reference "shift"), 0 for none; absent: the arrays are the model's.
+# A train or evaluate message whose arrays are compressed (task/compression.py): the round of the
+# global it is a difference to (codec-reference "shift"), 0 for none (every evaluate message);
+# absent: the arrays are the model's.
 DOWNLINK_REFERENCE = "downlink-reference-round"
