@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -34,4 +35,5 @@ def build_optimizer(
         beta2=cfg.local_beta2(num_examples),
         mc_samples=cfg.mc_samples,
         weight_decay=cfg.prior_precision / ess,
+        clip_radius=cfg.clip_radius or math.inf,
     )

@@ -239,6 +239,12 @@ class RunConfig(BaseModel):
         "steps per round ([docs/ALGORITHMS.md](docs/ALGORITHMS.md))",
     )
     mc_samples: Count = Field(1, ge=1, description="IVON: weight samples per step")
+    clip_radius: float = Field(
+        0.0,
+        ge=0,
+        description="IVON: clip each coordinate of the preconditioned step g / (h + delta) to "
+        "+-this before it is scaled by lr (ivon-opt's `clip_radius`; 0: off)",
+    )
     # Robust aggregation for FedAvg and FedPA (docs/ALGORITHMS.md, "Robust aggregation").
     aggregation: Literal["mean", "trimmed-mean", "median", "krum", "multi-krum"] = Field(
         "mean",
