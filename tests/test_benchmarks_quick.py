@@ -221,3 +221,15 @@ def test_bma_gap_quick_scores_the_runs_own_test_split(tmp_path):
     for key in ("bma_nll_x1", "bma_nll_x2", "bma_nll_x4"):
         assert math.isfinite(run[key])
     assert "| 1 |" in table
+
+
+def test_personalization_refuses_a_split_it_cannot_make_before_running_anything(tmp_path):
+    # Dirichlet(0.1) cannot give 100 nodes two rows each of digits' 1,437: say so up front.
+    done = subprocess.run(
+        [sys.executable, "benchmarks/personalization.py", "--quick", "--nodes", "100",
+         "--settings", "digits-dir0.1", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode != 0
+    assert "digits-dir0.1 seed 0" in done.stderr and "over 100 nodes" in done.stderr
+    assert not any(tmp_path.iterdir())
