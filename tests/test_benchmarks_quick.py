@@ -207,6 +207,26 @@ def test_tuning_quick_scores_every_candidate_and_writes_valid_presets(tmp_path):
     assert all(len(grid) == GRID_SIZE for grid in GRIDS.values())  # the same budget for each
 
 
+def test_ivon_regimes_quick_trains_every_optimizer_on_a_validation_split(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.ivon_regimes import OPTIMIZERS, QUICK
+
+    results, table = _run_quick("ivon_regimes", tmp_path / "results", "--jobs", "1",
+                                stem="ivon-regimes")
+    assert set(results["summary"]) == set(OPTIMIZERS)
+    assert results["epochs"] == list(range(1, QUICK["epochs"] + 1))
+    for run in results["runs"]:
+        assert [p["epoch"] for p in run["curve"]] == results["epochs"]
+        # The server's test set (20%) is left out, 10% of the rest is held out for validation.
+        held_out = run["validation_examples"]
+        assert (run["train_examples"], held_out) == (720, 80)
+        assert all(abs(held_out * p["accuracy"] - round(held_out * p["accuracy"])) < 1e-6
+                   for p in run["curve"])
+        assert all(p["nll"] > 0 for p in run["curve"])
+    for name in OPTIMIZERS:
+        assert f"| {name} |" in table
+
+
 def test_bma_gap_quick_scores_the_runs_own_test_split(tmp_path):
     results, table = _run_quick(
         "bma_gap", tmp_path / "results", "--seeds", "1", "--variant", "mc-samples=1", stem="bma-gap"
