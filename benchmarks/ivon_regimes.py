@@ -35,7 +35,7 @@ from benchmarks.common import (  # noqa: E402
 )
 
 OPTIMIZERS: dict[str, dict[str, Any]] = {
-    "sgd (FedAvg's preset)": {"optimizer": "sgd", "lr": 0.03, "momentum": 0.9},
+    "sgd (lr 0.03, momentum 0.9)": {"optimizer": "sgd", "lr": 0.03, "momentum": 0.9},
     "ivon, small rate (lr 3e-3, hess-init 1e-3, beta2 0.998)": {
         "optimizer": "ivon", "lr": 3e-3, "hess-init": 1e-3, "beta2": 0.998, "temperature": 1e-3},
     "ivon recipe (lr 0.2, hess-init 0.5, beta2 0.99999)": {
