@@ -321,3 +321,19 @@ def test_the_undamaged_checkpoint_resumes(tmp_path, finished_checkpoint):
     results = json.loads((tmp_path / "new" / "results.json").read_text())
     assert results["status"] == "completed" and results["resumed_at_round"] == [1]
     assert results["run_id"] == str(finished_checkpoint["__run_id__"])  # the run id carries over
+
+
+def test_a_compressed_run_resumes_with_one_full_downlink(tmp_path):
+    """The checkpoint keeps no downlink reference (the resumed run's node ids are new): the first
+    round after the resume sends the global in full, the next ones differences again, and no
+    node is asked for a difference to a global it does not hold."""
+    _set_task_identity()
+    base = {**_base("bayes-admm"), "uplink-codec": "q8", "downlink-codec": "q8",
+            "fraction-train": 1.0}
+    resumed = _crash_at_round_3(tmp_path, base)
+    run(_new_flower_run(resumed, 6), parse_run_config(resumed))
+    rounds = json.loads((tmp_path / "broken" / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert all(r["failed"] == 0 and r["replies"] == 6 for r in rounds), rounds
+    assert [r["compression_down"] == 1.0 for r in rounds] == [True, False, True, False]
+    assert rounds[3]["compression_down"] > 2 and rounds[2]["compression_up"] > 2
