@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ def train(name: str, seed: int, epochs: int, every: int, samples: int) -> dict[s
     import torch.nn.functional as F
 
     from client_app.optimizers import build_optimizer
+    from client_app.training import train_epochs
     from task.config import parse_run_config
     from task.data import data_spec, partition, server_test_set
     from task.models import build_model, seed_torch
@@ -66,28 +66,25 @@ def train(name: str, seed: int, epochs: int, every: int, samples: int) -> dict[s
     # One partition holds the whole training pool; with server-val-fraction the server's set is
     # the validation split carved from it.
     train_set, val_set = partition(cfg, 0, 1), server_test_set(cfg)
-    x, y = torch.as_tensor(train_set.x, dtype=torch.float32), torch.as_tensor(train_set.y).long()
-    vx, vy = torch.as_tensor(val_set.x, dtype=torch.float32), torch.as_tensor(val_set.y).long()
+    vx, vy = torch.as_tensor(val_set.x), torch.as_tensor(val_set.y).long()
     seed_torch(seed)
     model = build_model(cfg, data_spec(cfg))
-    optimizer = build_optimizer(cfg, model.parameters(), cfg.local_lr, len(y))
-    sampled = cfg.optimizer == "ivon"
-    order = torch.Generator().manual_seed(seed)
+    optimizer = build_optimizer(cfg, model.parameters(), cfg.local_lr, len(train_set.y))
     curve, started = [], time.process_time()
-    for epoch in range(1, epochs + 1):
-        for batch in torch.randperm(len(y), generator=order).split(cfg.batch_size):
-            for _ in range(cfg.mc_samples if sampled else 1):
-                with optimizer.sampled_params(train=True) if sampled else nullcontext():
-                    optimizer.zero_grad()
-                    F.cross_entropy(model(x[batch]), y[batch]).backward()
-            optimizer.step()
-        if epoch % every == 0 or epoch == epochs:
-            with torch.no_grad():
-                logits = model(vx)
-            curve.append({"epoch": epoch,
-                          "accuracy": float((logits.argmax(1) == vy).float().mean()),
-                          "nll": float(F.cross_entropy(logits, vy))})
-    return {"optimizer": name, "seed": seed, "train_examples": len(y), "validation_examples": len(vy),
+
+    def score(epoch: int) -> None:  # train_epochs counts epochs from 0
+        if (epoch + 1) % every and epoch + 1 != epochs:
+            return
+        with torch.no_grad():
+            logits = model(vx)
+        curve.append({"epoch": epoch + 1,
+                      "accuracy": float((logits.argmax(1) == vy).float().mean()),
+                      "nll": float(F.cross_entropy(logits, vy))})
+
+    train_epochs(model, train_set, optimizer, epochs, cfg.batch_size, torch.device("cpu"), seed,
+                 after_epoch=score)
+    return {"optimizer": name, "seed": seed, "train_examples": len(train_set.y),
+            "validation_examples": len(vy),
             "curve": curve, "cpu_seconds": time.process_time() - started}
 
 
