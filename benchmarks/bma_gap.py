@@ -2,10 +2,11 @@
 
 For each run (BayesADMM with IVON on its defaults, digits Dirichlet(0.1), 10 clients; variants
 by --variant key=value), one in-process federation, then its final global posterior is scored on
-the run's own test split: the mean network's NLL, the logit divisor in DIVISORS that minimizes
-it (below 1: the mean network is underconfident), and the BMA's NLL over --draws weight draws at
-the calibrated precision and at precision x2 and x4 (narrower posteriors). More draws shrink
-only the Monte Carlo error; a BMA above the mean at every width means the spread itself costs.
+the run's own test split over --draws weight draws (more draws shrink only the Monte Carlo
+error): the mean network's and the BMA's NLL raw (temperature 1), at the temperature the run
+fitted on its nodes' held-out splits (`predictive-temperature = "auto"`, what the run reports)
+and at the test split's own best temperature (a diagnostic: below 1, the mean network is
+underconfident), and the BMA at precision x2 and x4 (narrower posteriors).
 
     python benchmarks/bma_gap.py --jobs 2                              # 3 seeds, 30 rounds
     python benchmarks/bma_gap.py --jobs 2 --rounds 60
@@ -37,47 +38,64 @@ from benchmarks.common import (  # noqa: E402
 
 NUM_NODES = 10
 DATA = {"dataset": "digits", "partitioner": "dirichlet", "dirichlet-alpha": 0.1}
-DIVISORS = (0.7, 0.8, 0.9, 1.0, 1.1)
 PRECISION_SCALES = (2.0, 4.0)
 QUICK = {"seeds": [0], "rounds": 2, "draws": 8, "nodes": 4}
 FULL = {"seeds": [0, 1, 2], "rounds": 30, "draws": 512, "nodes": NUM_NODES}
 
 
-def _nll(probs, labels) -> float:
+def _bma_nll_by_temperature(net, mean, precision, x, labels, draws: int, seed: int):
+    """The BMA's NLL at each of TEMPERATURES over the same `draws` weight draws."""
     import numpy as np
+    import torch
 
-    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)).mean())
+    from task.metrics import TEMPERATURES, nll, predict_probs, tempered
+    from task.params import load_record, numpy_to_record
+
+    rng = np.random.default_rng(seed)
+    sums = {t: 0.0 for t in TEMPERATURES}
+    for _ in range(draws):
+        load_record(net, numpy_to_record({
+            k: (m + rng.standard_normal(m.shape) / np.sqrt(precision[k])).astype(m.dtype)
+            for k, m in mean.items()
+        }))
+        probs = predict_probs(net, x, torch.device("cpu"))
+        sums = {t: sums[t] + tempered(probs, t) for t in TEMPERATURES}
+    return {t: nll(sums[t] / draws, labels) for t in TEMPERATURES}
 
 
 def posterior_scores(folder: str, seed: int, draws: int) -> dict[str, Any]:
-    """Mean NLL, best logit divisor and BMA NLLs of the run saved in `folder`."""
+    """For the run saved in `folder`: the temperature it fitted on its nodes' held-out data, and
+    on its test split the mean network's and the BMA's NLL raw (T = 1), at that temperature and
+    at the test split's own best temperature (a diagnostic: no run may choose it), plus the
+    BMA at the fitted temperature with the precision x2 and x4 (narrower posteriors)."""
     import torch
 
     from task.data import server_test_set
+    from task.metrics import TEMPERATURES, nll, predict_probs, tempered
     from task.models import build_model
     from task.params import load_record, numpy_to_record
-    from task.predict import bma_probs, load_global_model, prepare
+    from task.predict import load_global_model, prepare
 
     model = load_global_model(folder)
     # model.json keeps what predicting needs, not the run's seed: the test split needs it.
     test = server_test_set(model.cfg.model_copy(update={"seed": seed}))
-    x, device = prepare(model, test.x), torch.device("cpu")
+    x, fitted = prepare(model, test.x), model.temperature
     net = build_model(model.cfg, model.spec)
     load_record(net, numpy_to_record(model.mean))
-    net.eval()
-    with torch.no_grad():
-        logits = net(torch.from_numpy(x)).double()
-    by_divisor = {d: _nll(torch.softmax(logits / d, 1).numpy(), test.y) for d in DIVISORS}
+    probs = predict_probs(net, x, torch.device("cpu"))
+    mean_nll = {t: nll(tempered(probs, t), test.y) for t in TEMPERATURES}
+    bma_nll = _bma_nll_by_temperature(net, model.mean, model.precision, x, test.y, draws, seed)
+    best = min(mean_nll, key=mean_nll.get)
     scores = {
-        "accuracy": float((logits.argmax(1).numpy() == test.y).mean()),
-        "mean_nll": by_divisor[1.0],
-        "best_divisor": min(by_divisor, key=by_divisor.get),
-        "nll_by_divisor": {str(d): v for d, v in by_divisor.items()},
+        "accuracy": float((probs.argmax(1) == test.y).mean()),
+        "temperature": fitted, "best_temperature": best,
+        "mean_nll_t1": mean_nll[1.0], "mean_nll": mean_nll[fitted], "mean_nll_best": mean_nll[best],
+        "bma_nll_t1": bma_nll[1.0], "bma_nll": bma_nll[fitted], "bma_nll_best": bma_nll[best],
     }
-    for scale in (1.0, *PRECISION_SCALES):
+    for scale in PRECISION_SCALES:
         precision = {k: v * scale for k, v in model.precision.items()}
-        probs, _, _ = bma_probs(net, model.mean, precision, x, device, draws, seed)
-        scores[f"bma_nll_x{scale:g}"] = _nll(probs, test.y)
+        narrower = _bma_nll_by_temperature(net, model.mean, precision, x, test.y, draws, seed)
+        scores[f"bma_nll_x{scale:g}"] = narrower[fitted]
     return scores
 
 
@@ -90,21 +108,28 @@ def _run(job: tuple[dict[str, Any], int, int, int]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         outputs = simulate({**keys, "output-dir": folder}, nodes)
         scores = posterior_scores(folder, seed, draws)
-    # The server's own score of the last global: the same split and network give the same NLL.
+    # The server's own score of the last global: the same split, network and temperature.
     server_nll = outputs.results["rounds"][-1]["nll"]
     return {"seed": seed, "keys": keys, "seconds": time.perf_counter() - started,
             "server_nll": server_nll, **scores}
 
 
+def _gap(bma: float, mean: float) -> str:
+    return f"{(bma / mean - 1) * 100:+.1f}%"
+
+
 def markdown_table(runs: list[dict[str, Any]], title: str) -> str:
-    head = ["seed", "acc %", "best logit divisor", "mean NLL", "BMA NLL", "BMA vs mean",
-            "BMA NLL, precision x2 / x4"]
+    head = ["seed", "acc %", "fitted T", "mean NLL, T = 1 / fitted T", "BMA NLL, T = 1 / fitted T",
+            "BMA vs mean, T = 1 / fitted T", "test's best T: mean / BMA NLL",
+            "BMA NLL at fitted T, precision x2 / x4"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
-        gap = run["bma_nll_x1"] / run["mean_nll"] - 1
         lines.append("| " + " | ".join([
-            str(run["seed"]), f"{run['accuracy'] * 100:.1f}", f"{run['best_divisor']:g}",
-            f"{run['mean_nll']:.4f}", f"{run['bma_nll_x1']:.4f}", f"{gap * 100:+.1f}%",
+            str(run["seed"]), f"{run['accuracy'] * 100:.1f}", f"{run['temperature']:g}",
+            f"{run['mean_nll_t1']:.4f} / {run['mean_nll']:.4f}",
+            f"{run['bma_nll_t1']:.4f} / {run['bma_nll']:.4f}",
+            f"{_gap(run['bma_nll_t1'], run['mean_nll_t1'])} / {_gap(run['bma_nll'], run['mean_nll'])}",
+            f"{run['best_temperature']:g}: {run['mean_nll_best']:.4f} / {run['bma_nll_best']:.4f}",
             " / ".join(f"{run[f'bma_nll_x{s:g}']:.4f}" for s in PRECISION_SCALES),
         ]) + " |")
     return "\n".join(lines)
@@ -138,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = variant_keys(args.variant)
     jobs = [
         ({"strategy": "bayes-admm", "optimizer": "ivon", **DATA, "num-server-rounds": args.rounds,
-          "seed": seed, "fraction-evaluate": 0.0, **extra}, seed, args.draws, args.nodes)
+          "seed": seed, **extra}, seed, args.draws, args.nodes)
         for seed in args.seeds
     ]
     started = time.perf_counter()

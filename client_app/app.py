@@ -21,7 +21,7 @@ from task import records
 from task.config import parse_run_config
 from task.data import ArrayData
 from task.methods import METHODS, resolve
-from task.metrics import classification_metrics, predict_probs
+from task.metrics import classification_metrics, nll_by_temperature, predict_probs
 
 # The client half of each method, by config name, as `task.methods` registers it.
 CLIENT_STEPS: dict[str, Callable[[ClientRound], RecordDict]] = {
@@ -89,6 +89,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     if model is not None:
         probs = predict_probs(model, val.x, round_.device)
         metrics = dict(classification_metrics(probs, val.y)) | {records.NUM_EXAMPLES: len(val)}
+        if round_.cfg.predictive_temperature == "auto":  # the server fits it from these
+            metrics |= nll_by_temperature(probs, val.y)
         if personal.evaluates(round_.cfg, round_.server_round):
             try:
                 metrics |= personal.evaluate(round_, val, msg, context)

@@ -13,7 +13,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from server_app.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
-from server_app.evaluation import evaluate_bma, evaluate_mean
+from server_app.evaluation import evaluate_bma, evaluate_mean, round_temperature
 from server_app.outputs import POSTERIOR, RunOutputs, posterior_arrays
 from server_app.uncertainty import UncertaintyEvaluation
 from server_app.personal import PERSONAL_PLOT, personal_summary, plot_personal
@@ -66,7 +66,7 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
     model_bytes = int(arrays.count_bytes())
     strategy: FederatedStrategy = STRATEGIES[cfg.strategy](cfg, arrays)
     # The run id names every artifact; the state key names the clients' lasting state.
-    run_id, state_key, first_round = uuid.uuid4().hex, uuid.uuid4().hex, 1
+    run_id, state_key, first_round, temperature = uuid.uuid4().hex, uuid.uuid4().hex, 1, 1.0
     resumed = load_checkpoint(Path(cfg.resume_from)) if cfg.resume_from else None
     if resumed is not None:
         check_compatible(resumed, cfg, record_to_numpy(arrays), strategy.state_dict()[0])
@@ -79,6 +79,7 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
                 f"{' '.join(str(err).split())})"
             ) from None
         run_id, state_key, first_round = resumed.run_id, resumed.state_key, resumed.round + 1
+        temperature = resumed.temperature
     check_partitions(cfg, spec, len(list(grid.get_node_ids())))
     outputs = RunOutputs(cfg, run_id)
     # Simulated nodes keep their lasting state here (client_app/state.py); a resumed run keeps
@@ -113,12 +114,15 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
         eval_msgs = list(strategy.configure_evaluate(server_round, arrays, config, grid))
         eval_replies = list(grid.send_and_receive(eval_msgs, timeout=cfg.round_timeout))
         client_eval = strategy.aggregate_evaluate(server_round, eval_replies)
+        temperature = round_temperature(cfg, client_eval, temperature)
 
-        entry = {"round": server_round, **evaluate_mean(model, arrays, test, device)}
+        entry = {"round": server_round, **evaluate_mean(model, arrays, test, device, temperature)}
         if (posterior := strategy.posterior()) is not None:
             entry |= evaluate_bma(
-                model, posterior, test, device, cfg.eval_mc_samples, cfg.seed + server_round
+                model, posterior, test, device, cfg.eval_mc_samples, cfg.seed + server_round,
+                temperature,
             )
+        entry["temperature"] = temperature
         entry |= {
             "sampled": len(train_msgs),
             "replies": report.accepted,
@@ -138,7 +142,9 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
         }
         entry |= _prefixed("train", train_metrics) | _prefixed("client", client_eval)
         if uncertainty.due(server_round):
-            report = uncertainty(model, arrays, posterior, device, cfg.seed + server_round)
+            report = uncertainty(
+                model, arrays, posterior, device, cfg.seed + server_round, temperature
+            )
             entry["uncertainty"] = report.metrics
         if (personal := personal_summary(eval_replies)) is not None:
             entry["personalization"] = personal
@@ -148,6 +154,7 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
         checkpoint = Checkpoint(
             server_round, state_key, cfg.to_dict(), record_to_numpy(arrays),
             *strategy.state_dict(), client_state_dir=str(client_state_dir), run_id=run_id,
+            temperature=temperature,
         )
         save_checkpoint(outputs.dir, checkpoint)
         log(INFO, "%s", progress_line(entry, cfg.num_server_rounds))
@@ -155,7 +162,7 @@ def run(grid: Grid, cfg: RunConfig) -> RunOutputs:
     _announce_finish(grid, cfg, config)
     save_checkpoint(outputs.dir, dataclasses.replace(checkpoint, finished=True))
     _remove_empty_folders(client_state_dir)
-    outputs.save_model(record_to_numpy(arrays), spec, test, report)
+    outputs.save_model(record_to_numpy(arrays), spec, test, report, temperature)
     if (posterior := strategy.posterior()) is not None:
         outputs.save_arrays(POSTERIOR, posterior_arrays(*posterior))
     outputs.plot()
@@ -199,6 +206,8 @@ def progress_line(entry: dict, num_rounds: int) -> str:
         f"[round {entry['round']}/{num_rounds}] acc {entry['accuracy']:.4f} "
         f"nll {entry['nll']:.4f} ece {entry['ece']:.4f}"
     )
+    if entry.get("temperature", 1.0) != 1.0:
+        line += f" (T {entry['temperature']:g})"
     if "bma_accuracy" in entry:
         line += f" | bma acc {entry['bma_accuracy']:.4f} nll {entry['bma_nll']:.4f}"
     line += f" | replies {entry['replies']}/{entry['sampled']} | {entry['seconds']:.1f}s"

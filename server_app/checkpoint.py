@@ -40,6 +40,7 @@ class Checkpoint:
     client_state_dir: str = ""  # <output-dir>/client-state of the run's first folder
     finished: bool = False  # the nodes were told the run is over and deleted their state
     run_id: str = ""  # empty: a checkpoint from before run ids, whose run is named by its state key
+    temperature: float = 1.0  # the run's fitted predictive temperature (server_app/evaluation.py)
 
 
 # The metadata a checkpoint must hold, the JSON type of each, and its name in a message.
@@ -58,6 +59,7 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
         "strategy": checkpoint.strategy_meta,
         "client_state_dir": checkpoint.client_state_dir,
         "finished": checkpoint.finished,
+        "temperature": checkpoint.temperature,
     }
     arrays = {f"global/{k}": v for k, v in checkpoint.global_arrays.items()}
     arrays |= {f"strategy/{k}": v for k, v in checkpoint.strategy_arrays.items()}
@@ -94,12 +96,18 @@ def load_checkpoint(folder: Path) -> Checkpoint:
     run_id = meta.get("run_id", "")
     if not isinstance(run_id, str):
         raise ConfigError(f"resume-from: {path}: metadata 'run_id' = {run_id!r} is not a string")
+    temperature = meta.get("temperature", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+        np.isfinite(temperature) and temperature > 0
+    ):
+        raise ConfigError(f"resume-from: {path}: metadata 'temperature' = {temperature!r} is not a positive number")
     return Checkpoint(
         meta["round"], meta["state_key"], meta["config"], global_arrays, strategy, meta["strategy"],
         # Checkpoints written before these fields: the state folder sits beside the checkpoint.
         client_state_dir=meta.get("client_state_dir") or str(path.resolve().parent / CLIENT_STATE_FOLDER),
         finished=meta.get("finished", False),
         run_id=run_id or meta["state_key"],
+        temperature=float(temperature),
     )
 
 

@@ -26,7 +26,7 @@ from task.config import ConfigError, RunConfig
 from task.data import PREPROCESSING, ArrayData, DataSpec, class_names
 from task.files import save_npz, write_atomic
 from task.params import record_to_numpy
-from task.predict import RUN_ID_KEY, TEST_ENTROPY
+from task.predict import RUN_ID_KEY, TEMPERATURE, TEST_ENTROPY
 
 RESULTS, PLOT, MODEL, POSTERIOR = "results.json", "metrics.png", "model.npz", "posterior.npz"
 MODEL_CARD = "model.json"
@@ -122,11 +122,12 @@ class RunOutputs:
         spec: DataSpec,
         test: ArrayData,
         uncertainty: UncertaintyReport | None = None,
+        temperature: float = 1.0,
     ) -> Path:
         """The final global model (model.npz) and what predicting with it needs (model.json):
         with the last uncertainty evaluation, the test set's entropy quantiles of the predictive
         `bayesfl predict` uses, for `--coverage`."""
-        card = {**model_card(self.cfg, spec, test), "run-id": self.run_id}
+        card = {**model_card(self.cfg, spec, test), "run-id": self.run_id, TEMPERATURE: temperature}
         if uncertainty is not None and uncertainty.test_entropy_quantiles is not None:
             card[TEST_ENTROPY] = {
                 "predictive": uncertainty.predictive,

@@ -126,10 +126,11 @@ class UncertaintyEvaluation:
         posterior: tuple[ArrayRecord, ArrayRecord] | None,
         device: torch.device,
         seed: int,
+        temperature: float = 1.0,
     ) -> UncertaintyReport:
         load_record(model, arrays)
         net = model.to(device)
-        mean = self._evaluate(lambda x: Predictive(predict_probs(net, x, device)))
+        mean = self._evaluate(lambda x: Predictive(predict_probs(net, x, device, temperature=temperature)))
         metrics = {"mean": predictive_metrics(*mean, self.test.y)}
         chosen = mean[0]
         if posterior is not None:
@@ -137,7 +138,7 @@ class UncertaintyEvaluation:
 
             def bma(x: np.ndarray) -> Predictive:
                 probs, _, expected = bma_probs(
-                    model, weights, precision, x, device, self.cfg.eval_mc_samples, seed
+                    model, weights, precision, x, device, self.cfg.eval_mc_samples, seed, temperature
                 )
                 return Predictive(probs, mutual_information(probs, expected))
 

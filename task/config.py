@@ -286,6 +286,13 @@ class RunConfig(BaseModel):
         le=1,
         description="share of nodes asked for client-side evaluation (0: none)",
     )
+    predictive_temperature: Annotated[float, Field(gt=0, le=100)] | Auto = Field(
+        "auto",
+        description="temperature T dividing the logits of every prediction the run makes "
+        "(mean network and BMA: server metrics, model.json, `bayesfl predict`); `auto`: fitted "
+        "each round on the nodes' held-out splits, the T in 0.5..2 with the lowest client NLL "
+        "(1 until nodes evaluate)",
+    )
     uncertainty_eval_every: Count = Field(
         0,
         ge=0,

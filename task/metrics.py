@@ -3,11 +3,19 @@ reliability bins, Brier score."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
 
 ECE_BINS = 15
+# The temperatures a run's predictive may take (`predictive-temperature = "auto"`): 2^(k/8) for
+# k = -8..8, 0.5 to 2 in steps of 9%. A bounded grid also bounds what false client reports can
+# do: a temperature never changes the mean network's predicted class.
+TEMPERATURES = tuple(round(2.0 ** (k / 8), 4) for k in range(-8, 9))
+TEMPERATURE_NLL_PREFIX = "nll-t"
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -63,13 +71,46 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, f
     }
 
 
+def tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / T) from the probabilities softmax(logits): log p differs from the logits
+    by a constant per input, which the softmax removes."""
+    logits = np.log(np.maximum(probs, np.finfo(np.float64).tiny)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def temperature_metric(temperature: float) -> str:
+    return f"{TEMPERATURE_NLL_PREFIX}{temperature:g}"
+
+
+def nll_by_temperature(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The NLL of `probs` tempered by each of TEMPERATURES, keyed `nll-t<T>`: what a client
+    reports on its held-out split so that the server can fit the run's temperature."""
+    return {temperature_metric(t): nll(tempered(probs, t), labels) for t in TEMPERATURES}
+
+
+def fitted_temperature(metrics: Mapping[str, Any]) -> float | None:
+    """The temperature of TEMPERATURES with the lowest NLL in `metrics` (the clients' example-
+    weighted `nll-t<T>`); None unless every temperature has a finite NLL there."""
+    scores = [metrics.get(temperature_metric(t)) for t in TEMPERATURES]
+    if not all(isinstance(v, (int, float)) and np.isfinite(v) for v in scores):
+        return None
+    return TEMPERATURES[int(np.argmin(scores))]
+
+
 @torch.no_grad()
 def predict_probs(
-    model: nn.Module, x: np.ndarray, device: torch.device, batch_size: int = 1024
+    model: nn.Module,
+    x: np.ndarray,
+    device: torch.device,
+    batch_size: int = 1024,
+    temperature: float = 1.0,
 ) -> np.ndarray:
+    """softmax(logits / temperature) of `model` on `x`, in float64."""
     model.eval()
     out = []
     for start in range(0, len(x), batch_size):
         batch = torch.from_numpy(x[start : start + batch_size]).to(device)
-        out.append(torch.softmax(model(batch).double(), dim=1).cpu().numpy())
+        out.append(torch.softmax(model(batch).double() / temperature, dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0))

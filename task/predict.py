@@ -52,6 +52,7 @@ RUN_ID_KEY = "__run_id__"
 KNOWN_FORMAT = 1
 # model.json: the server test set's predictive entropy at coverages 0, 0.01, ..., 1 (optional)
 TEST_ENTROPY = "test-entropy"
+TEMPERATURE = "temperature"  # model.json: the temperature dividing every prediction's logits
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class GlobalModel:
     preprocessing: dict[str, Any]
     # the test set's entropy quantiles at coverages 0..1 (TEST_ENTROPY), None if not recorded
     test_entropy_quantiles: list[float] | None = None
+    temperature: float = 1.0  # fitted by the run (`predictive-temperature`); 1: raw logits
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,11 @@ def load_global_model(run_dir: str | Path) -> GlobalModel:
         # build_model can fail on a card naming an impossible network (e.g. a cnn on 1-D inputs)
         like = {k: v.shape for k, v in build_model(cfg, spec).state_dict().items()}
         quantiles = _test_entropy_quantiles(card.get(TEST_ENTROPY))
+        temperature = card.get(TEMPERATURE, 1.0)  # cards from before temperatures: raw logits
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            np.isfinite(temperature) and temperature > 0
+        ):
+            raise TypeError(f"{TEMPERATURE} {temperature!r} is not a positive number")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
             RuntimeError) as err:
         if isinstance(err, ConfigError):
@@ -132,12 +139,14 @@ def load_global_model(run_dir: str | Path) -> GlobalModel:
             raise ConfigError(f"{posterior}: precision/{bad} has values <= 0 (a precision is positive)")
         if (run_dir / MODEL).exists():
             _load_artifact(run_dir / MODEL, run_id)  # from the same run, or refused
-        return GlobalModel(cfg, spec, mean, precision, names, preprocessing, quantiles)
+        return GlobalModel(
+            cfg, spec, mean, precision, names, preprocessing, quantiles, float(temperature)
+        )
     if not (run_dir / MODEL).exists():
         raise ConfigError(f"{run_dir} has {MODEL_CARD} but neither {MODEL} nor {POSTERIOR}")
     mean = _load_artifact(run_dir / MODEL, run_id)
     _check_weights(run_dir / MODEL, "", mean, like)
-    return GlobalModel(cfg, spec, mean, None, names, preprocessing, quantiles)
+    return GlobalModel(cfg, spec, mean, None, names, preprocessing, quantiles, float(temperature))
 
 
 def _test_entropy_quantiles(recorded: Any) -> list[float] | None:
@@ -183,7 +192,8 @@ def load_personal_model(run_dir: str | Path, personal: str | Path) -> GlobalMode
         _check_weights(path, "precision", precision, like)
         if (bad := next((k for k, v in precision.items() if not (v > 0).all()), None)) is not None:
             raise ConfigError(f"{path}: precision/{bad} has values <= 0 (a precision is positive)")
-    return replace(model, mean=mean, precision=precision or None)
+    # The run's temperature was fitted to the global model, not to this node's.
+    return replace(model, mean=mean, precision=precision or None, temperature=1.0)
 
 
 def _load_artifact(path: Path, run_id: str | None) -> dict[str, np.ndarray]:
@@ -268,10 +278,10 @@ def predict(
     net = build_model(model.cfg, model.spec)
     if model.precision is None:
         load_record(net, numpy_to_record(model.mean))
-        probs = predict_probs(net.to(torch_device), x, torch_device)
+        probs = predict_probs(net.to(torch_device), x, torch_device, temperature=model.temperature)
         return Prediction(probs, np.zeros_like(probs), predictive_entropy(probs), np.zeros(len(x)))
     probs, probs_std, expected_entropy = bma_probs(
-        net, model.mean, model.precision, x, torch_device, samples, seed
+        net, model.mean, model.precision, x, torch_device, samples, seed, model.temperature
     )
     return Prediction(
         probs, probs_std, predictive_entropy(probs), mutual_information(probs, expected_entropy)
@@ -286,10 +296,11 @@ def bma_probs(
     device: torch.device,
     samples: int,
     seed: int,
+    temperature: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bayesian model averaging: the mean softmax over `samples` draws theta ~ N(m, diag(S)^-1),
-    its standard deviation across draws, and the draws' mean predictive entropy per input
-    (accumulated without keeping every draw)."""
+    """Bayesian model averaging: the mean softmax(logits / temperature) over `samples` draws
+    theta ~ N(m, diag(S)^-1), its standard deviation across draws, and the draws' mean predictive
+    entropy per input (accumulated without keeping every draw)."""
     rng = np.random.default_rng(seed)
     average = spread = None
     entropy_sum = 0.0
@@ -299,7 +310,7 @@ def bma_probs(
             for k, m in mean.items()
         }
         load_record(net, numpy_to_record(weights))
-        probs = predict_probs(net.to(device), x, device)
+        probs = predict_probs(net.to(device), x, device, temperature=temperature)
         entropy_sum = entropy_sum + predictive_entropy(probs)
         if average is None:
             average, spread = probs, np.zeros_like(probs)

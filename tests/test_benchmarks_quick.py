@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from task.metrics import TEMPERATURES
+
 ROOT = Path(__file__).resolve().parents[1]
 # The attack benchmark's --quick run (3 rounds): most accuracy points an attack may cost under
 # the recommended setting against the honest run with defaults.
@@ -233,12 +235,12 @@ def test_bma_gap_quick_scores_the_runs_own_test_split(tmp_path):
     )
     (run,) = results["runs"]
     assert run["seed"] == 1 and run["keys"]["mc-samples"] == 1
-    # the seed's own test split: the server scored the same network on it
+    # the seed's own test split: the server scored the same network at the same temperature
     assert run["mean_nll"] == pytest.approx(run["server_nll"], rel=1e-4)
-    by_divisor = run["nll_by_divisor"]
-    assert by_divisor[str(run["best_divisor"])] == min(by_divisor.values())
-    assert by_divisor["1.0"] == run["mean_nll"]
-    for key in ("bma_nll_x1", "bma_nll_x2", "bma_nll_x4"):
+    assert run["temperature"] in TEMPERATURES and run["best_temperature"] in TEMPERATURES
+    # the test split's best temperature is at least as good as the fitted one and as none
+    assert run["mean_nll_best"] <= min(run["mean_nll"], run["mean_nll_t1"])
+    for key in ("bma_nll_t1", "bma_nll", "bma_nll_best", "bma_nll_x2", "bma_nll_x4"):
         assert math.isfinite(run[key])
     assert "| 1 |" in table
 

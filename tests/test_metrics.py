@@ -1,7 +1,12 @@
 import numpy as np
 import pytest
 
-from task.metrics import accuracy, brier, ece, nll
+import torch
+
+from task.metrics import (
+    TEMPERATURES, accuracy, brier, ece, fitted_temperature, nll, nll_by_temperature, predict_probs,
+    tempered,
+)
 
 
 PROBS = np.array(
@@ -50,3 +55,51 @@ def test_brier_by_hand():
     assert brier(probs, labels) == pytest.approx((0.14 + 0.5) / 2)
     assert brier(np.eye(3), np.arange(3)) == 0.0
     assert brier(np.eye(3)[[1, 2, 0]], np.arange(3)) == 2.0
+
+
+def _softmax(logits):
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.8409, 1.0, 2.0])
+def test_tempered_probabilities_equal_the_softmax_of_divided_logits(temperature):
+    logits = np.random.default_rng(0).normal(scale=4.0, size=(50, 7))
+    expected = _softmax(logits / temperature)
+    np.testing.assert_allclose(tempered(_softmax(logits), temperature), expected, rtol=1e-12)
+
+
+def test_predict_probs_divides_the_logits_by_the_temperature():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(5, 4)
+    x = np.random.default_rng(1).normal(size=(9, 5)).astype(np.float32)
+    with torch.no_grad():
+        logits = net(torch.from_numpy(x)).double().numpy()
+    got = predict_probs(net, x, torch.device("cpu"), temperature=0.7)
+    np.testing.assert_allclose(got, _softmax(logits / 0.7), rtol=1e-12)
+
+
+def test_temperature_grid_spans_half_to_double_and_includes_one():
+    assert TEMPERATURES[0] == 0.5 and TEMPERATURES[-1] == 2.0 and 1.0 in TEMPERATURES
+    assert all(b / a == pytest.approx(2 ** (1 / 8), rel=1e-3) for a, b in zip(TEMPERATURES, TEMPERATURES[1:]))
+
+
+def test_an_underconfident_predictor_is_fitted_a_temperature_below_one():
+    # Labels drawn from softmax(z), predictions softmax(z / 1.5): too soft by 1.5, so dividing
+    # their logits by about 1 / 1.5 = 0.667 restores the true probabilities.
+    rng = np.random.default_rng(3)
+    logits = rng.normal(scale=3.0, size=(20000, 5))
+    labels = np.array([rng.choice(5, p=p) for p in _softmax(logits)])
+    scores = nll_by_temperature(_softmax(logits / 1.5), labels)
+    assert set(scores) == {f"nll-t{t:g}" for t in TEMPERATURES}
+    assert fitted_temperature(scores) == pytest.approx(1 / 1.5, rel=0.05)
+    # The overconfident side: predictions softmax(1.5 z) want T = 1.5.
+    assert fitted_temperature(nll_by_temperature(_softmax(logits * 1.5), labels)) == pytest.approx(1.5, rel=0.05)
+
+
+def test_no_temperature_is_fitted_from_incomplete_or_non_finite_reports():
+    scores = {f"nll-t{t:g}": 1.0 + abs(t - 0.83) for t in TEMPERATURES}
+    assert fitted_temperature(scores) == 0.8409
+    assert fitted_temperature({}) is None
+    assert fitted_temperature({k: v for k, v in list(scores.items())[1:]}) is None
+    assert fitted_temperature(scores | {"nll-t1": float("nan")}) is None
