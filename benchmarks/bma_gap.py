@@ -43,12 +43,12 @@ QUICK = {"seeds": [0], "rounds": 2, "draws": 8, "nodes": 4}
 FULL = {"seeds": [0, 1, 2], "rounds": 30, "draws": 512, "nodes": NUM_NODES}
 
 
-def _bma_nll_by_temperature(net, mean, precision, x, labels, draws: int, seed: int):
-    """The BMA's NLL at each of TEMPERATURES over the same `draws` weight draws."""
+def _bma_probs_by_temperature(net, mean, precision, x, draws: int, seed: int):
+    """The BMA's probabilities at each of TEMPERATURES over the same `draws` weight draws."""
     import numpy as np
     import torch
 
-    from task.metrics import TEMPERATURES, nll, predict_probs, tempered
+    from task.metrics import TEMPERATURES, predict_probs, tempered
     from task.params import load_record, numpy_to_record
 
     rng = np.random.default_rng(seed)
@@ -60,14 +60,23 @@ def _bma_nll_by_temperature(net, mean, precision, x, labels, draws: int, seed: i
         }))
         probs = predict_probs(net, x, torch.device("cpu"))
         sums = {t: sums[t] + tempered(probs, t) for t in TEMPERATURES}
-    return {t: nll(sums[t] / draws, labels) for t in TEMPERATURES}
+    return {t: sums[t] / draws for t in TEMPERATURES}
+
+
+def _example_nll(probs, labels):
+    import numpy as np
+
+    return -np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12))
 
 
 def posterior_scores(folder: str, seed: int, draws: int) -> dict[str, Any]:
     """For the run saved in `folder`: the temperature it fitted on its nodes' held-out data, and
     on its test split the mean network's and the BMA's NLL raw (T = 1), at that temperature and
-    at the test split's own best temperature (a diagnostic: no run may choose it), plus the
-    BMA at the fitted temperature with the precision x2 and x4 (narrower posteriors)."""
+    at the test split's own best temperature (a diagnostic: no run may choose it), the standard
+    error of the BMA's NLL minus the mean's at the fitted temperature (paired over the test
+    inputs: the gap's noise from the test set's size), and the BMA at the fitted temperature with
+    the precision x2 and x4 (narrower posteriors)."""
+    import numpy as np
     import torch
 
     from task.data import server_test_set
@@ -84,18 +93,21 @@ def posterior_scores(folder: str, seed: int, draws: int) -> dict[str, Any]:
     load_record(net, numpy_to_record(model.mean))
     probs = predict_probs(net, x, torch.device("cpu"))
     mean_nll = {t: nll(tempered(probs, t), test.y) for t in TEMPERATURES}
-    bma_nll = _bma_nll_by_temperature(net, model.mean, model.precision, x, test.y, draws, seed)
+    bma = _bma_probs_by_temperature(net, model.mean, model.precision, x, draws, seed)
+    bma_nll = {t: nll(p, test.y) for t, p in bma.items()}
     best = min(mean_nll, key=mean_nll.get)
+    gap = _example_nll(bma[fitted], test.y) - _example_nll(tempered(probs, fitted), test.y)
     scores = {
         "accuracy": float((probs.argmax(1) == test.y).mean()),
         "temperature": fitted, "best_temperature": best,
         "mean_nll_t1": mean_nll[1.0], "mean_nll": mean_nll[fitted], "mean_nll_best": mean_nll[best],
         "bma_nll_t1": bma_nll[1.0], "bma_nll": bma_nll[fitted], "bma_nll_best": bma_nll[best],
+        "gap_standard_error": float(gap.std(ddof=1) / np.sqrt(len(gap))),
     }
     for scale in PRECISION_SCALES:
         precision = {k: v * scale for k, v in model.precision.items()}
-        narrower = _bma_nll_by_temperature(net, model.mean, precision, x, test.y, draws, seed)
-        scores[f"bma_nll_x{scale:g}"] = narrower[fitted]
+        narrower = _bma_probs_by_temperature(net, model.mean, precision, x, draws, seed)
+        scores[f"bma_nll_x{scale:g}"] = nll(narrower[fitted], test.y)
     return scores
 
 
@@ -120,7 +132,8 @@ def _gap(bma: float, mean: float) -> str:
 
 def markdown_table(runs: list[dict[str, Any]], title: str) -> str:
     head = ["seed", "acc %", "fitted T", "mean NLL, T = 1 / fitted T", "BMA NLL, T = 1 / fitted T",
-            "BMA vs mean, T = 1 / fitted T", "test's best T: mean / BMA NLL",
+            "BMA vs mean, T = 1 / fitted T", "BMA - mean at fitted T (standard error)",
+            "test's best T: mean / BMA NLL",
             "BMA NLL at fitted T, precision x2 / x4"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
@@ -129,6 +142,7 @@ def markdown_table(runs: list[dict[str, Any]], title: str) -> str:
             f"{run['mean_nll_t1']:.4f} / {run['mean_nll']:.4f}",
             f"{run['bma_nll_t1']:.4f} / {run['bma_nll']:.4f}",
             f"{_gap(run['bma_nll_t1'], run['mean_nll_t1'])} / {_gap(run['bma_nll'], run['mean_nll'])}",
+            f"{run['bma_nll'] - run['mean_nll']:+.4f} ({run['gap_standard_error']:.4f})",
             f"{run['best_temperature']:g}: {run['mean_nll_best']:.4f} / {run['bma_nll_best']:.4f}",
             " / ".join(f"{run[f'bma_nll_x{s:g}']:.4f}" for s in PRECISION_SCALES),
         ]) + " |")

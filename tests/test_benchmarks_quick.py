@@ -240,7 +240,7 @@ def test_bma_gap_quick_scores_the_runs_own_test_split(tmp_path):
     assert run["temperature"] in TEMPERATURES and run["best_temperature"] in TEMPERATURES
     # the test split's best temperature is at least as good as the fitted one and as none
     assert run["mean_nll_best"] <= min(run["mean_nll"], run["mean_nll_t1"])
-    for key in ("bma_nll_t1", "bma_nll", "bma_nll_best", "bma_nll_x2", "bma_nll_x4"):
+    for key in ("bma_nll_t1", "bma_nll", "bma_nll_best", "bma_nll_x2", "bma_nll_x4", "gap_standard_error"):
         assert math.isfinite(run[key])
     assert "| 1 |" in table
 
