@@ -99,14 +99,16 @@ def test_curvature_share_follows_beta2_and_the_steps_per_round():
 
 def test_bma_is_no_worse_than_the_mean_with_the_defaults(tmp_path):
     """A small federation on its defaults: the sampled posterior (calibrated) predicts at least
-    as well as the network at its mean, round after round once it has learned."""
+    as well as the network at its mean, round after round once it has learned, both at the
+    temperature the run fits on its nodes' held-out data (`predictive-temperature = "auto"`)."""
     logging.getLogger("flwr").setLevel(logging.WARNING)
     keys = {"strategy": "bayes-admm", "optimizer": "ivon", "dataset": "digits",
             "partitioner": "dirichlet", "dirichlet-alpha": 0.1, "num-server-rounds": 8,
-            "fraction-evaluate": 0.0, "seed": 0, "output-dir": str(tmp_path)}
+            "seed": 0, "output-dir": str(tmp_path)}
     rounds = simulate(keys, 4).results["rounds"]
     learned = [r for r in rounds if r["accuracy"] >= 0.5]
     assert len(learned) >= 3, [r["accuracy"] for r in rounds]
+    assert any(r["temperature"] != 1.0 for r in rounds), [r["temperature"] for r in rounds]
     for r in learned:
         # 2%: the Monte Carlo error of 32 weight draws; uncalibrated, the gap was 7% to 50%.
         assert r["bma_nll"] <= 1.02 * r["nll"], (r["round"], r["bma_nll"], r["nll"])
