@@ -5,6 +5,7 @@ are written."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -92,3 +93,21 @@ def save_report(out: Path, stem: str, text: str, json_text: str) -> None:
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json_text)
     print("\n" + text)
+
+
+def saved_runs(paths: list[Path], kind: str) -> tuple[list[dict], dict]:
+    """The runs of a benchmark's saved JSON files (`settings` -> runs by `kind`, e.g. "method"
+    or "variant"), and what they were run as: their commands, rounds and summed wall time. A run
+    saved twice (same setting, `kind` and seed) counts once: the later file's."""
+    runs, meta = [], {"commands": [], "rounds": set(), "wall_seconds": 0.0}
+    for path in paths:
+        saved = json.loads(path.read_text())
+        meta["commands"].append(saved["command"])
+        meta["rounds"].add(saved["rounds"])
+        meta["wall_seconds"] += saved["wall_seconds"]
+        runs += [run for entry in saved["settings"].values()
+                 for kind_runs in entry["runs"].values() for run in kind_runs]
+    runs = list({(r["setting"], r[kind], r["seed"]): r for r in runs}.values())
+    if len(meta["rounds"]) != 1:
+        raise SystemExit(f"--from-json: the files ran different numbers of rounds {meta['rounds']}")
+    return runs, meta

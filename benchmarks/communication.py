@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from benchmarks.common import (  # noqa: E402
     add_jobs, add_seeds_and_rounds, benchmark_parser, command_line, machine, mean_std, rounded,
-    save_figure, save_report, start_worker,
+    save_figure, save_report, saved_runs, start_worker,
 )
 from benchmarks.heterogeneity import (  # noqa: E402
     NUM_NODES, SETTINGS as DATA_SETTINGS, run_overrides, window_mean,
@@ -210,27 +210,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def saved_runs(paths: list[Path]) -> tuple[list[dict], dict]:
-    """The runs of saved communication.json files, and what they were run as."""
-    runs, meta = [], {"commands": [], "rounds": set(), "wall_seconds": 0.0}
-    for path in paths:
-        saved = json.loads(path.read_text())
-        meta["commands"].append(saved["command"])
-        meta["rounds"].add(saved["rounds"])
-        meta["wall_seconds"] += saved["wall_seconds"]
-        runs += [run for entry in saved["settings"].values()
-                 for variant_runs in entry["runs"].values() for run in variant_runs]
-    # A run saved twice (same setting, variant and seed) counts once: the later file's.
-    runs = list({(r["setting"], r["variant"], r["seed"]): r for r in runs}.values())
-    if len(meta["rounds"]) != 1:
-        raise SystemExit(f"--from-json: the files ran different numbers of rounds {meta['rounds']}")
-    return runs, meta
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        runs, meta = saved_runs(args.from_json)
+        runs, meta = saved_runs(args.from_json, "variant")
         args.rounds = meta["rounds"].pop()
         args.settings = list(dict.fromkeys(r["setting"] for r in runs))
         args.variants = list(dict.fromkeys(r["variant"] for r in runs))

@@ -19,7 +19,7 @@ fitted global posterior.
     python benchmarks/heterogeneity.py                 # the full benchmark (3 seeds, 100 rounds)
     python benchmarks/heterogeneity.py --quick         # smoke run: 1 seed, 4 rounds, 2 settings
     python benchmarks/heterogeneity.py --settings digits-patho2 --methods fedavg bayes-admm
-    python benchmarks/heterogeneity.py --from-json benchmarks/results/heterogeneity.json  # re-plot
+    python benchmarks/heterogeneity.py --from-json A/heterogeneity.json B/heterogeneity.json  # join, re-plot
 
 Writes heterogeneity.md (the tables), heterogeneity.json (the tables' numbers and every run's
 per-round metrics) and heterogeneity-<setting>.png (test accuracy and NLL per round, mean and
@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from benchmarks.common import (  # noqa: E402
     add_jobs, add_seeds_and_rounds, benchmark_parser, command_line, machine, mean_std, rounded,
-    save_figure, save_report, start_worker,
+    save_figure, save_report, saved_runs, start_worker,
 )
 
 PRESETS = ROOT / "presets"
@@ -300,8 +300,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_seeds_and_rounds(parser)
     parser.add_argument("--eval-mc-samples", type=int,
                         help="BMA samples per evaluation (default: the preset's)")
-    parser.add_argument("--from-json", type=Path,
-                        help="re-render the tables and plots of a saved heterogeneity.json")
+    parser.add_argument("--from-json", type=Path, nargs="+",
+                        help="re-render the tables and plots of saved heterogeneity.json files, "
+                        "their runs joined (a later file's run of a method, setting and seed wins)")
     add_jobs(parser)
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else {
@@ -318,12 +319,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json is not None:  # re-render tables and plots of a finished benchmark
-        saved = json.loads(args.from_json.read_text())
-        runs = [run for entry in saved["settings"].values() for rs in entry["runs"].values()
-                for run in rs]
-        meta = {k: saved[k] for k in ("command", "rounds", "seeds", "machine", "wall_seconds")}
-        settings = list(saved["settings"])
-        methods = list(next(iter(saved["settings"].values()))["runs"])
+        runs, saved = saved_runs(args.from_json, "method")
+        first = json.loads(args.from_json[0].read_text())
+        meta = {"command": "` and `".join(saved["commands"]), "rounds": saved["rounds"].pop(),
+                "seeds": sorted({r["seed"] for r in runs}), "machine": first["machine"],
+                "wall_seconds": saved["wall_seconds"]}
+        settings = list(dict.fromkeys(r["setting"] for r in runs))
+        # Methods in the benchmark's own order, whichever file holds them.
+        methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
         write_report(args.out, meta, runs, settings, methods)
         return 0
 

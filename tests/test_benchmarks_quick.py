@@ -60,6 +60,25 @@ def test_heterogeneity_quick_writes_every_method_and_setting(tmp_path):
             assert len(entry["runs"][method][0]["rounds"]) == QUICK["rounds"]
         assert "| bayes-admm (BMA) |" in table
 
+    # --from-json joins files: the runs split by method into two files render as the whole.
+    halves = []
+    for i, part in enumerate((list(METHODS)[:2], list(METHODS)[2:])):
+        half = json.loads(json.dumps(results))
+        for entry in half["settings"].values():
+            entry["runs"] = {m: rs for m, rs in entry["runs"].items() if m in part}
+        half["command"] = f"part {i}"
+        halves.append(tmp_path / f"half{i}.json")
+        halves[-1].write_text(json.dumps(half))
+    joined = tmp_path / "joined"
+    subprocess.run([sys.executable, "benchmarks/heterogeneity.py", "--from-json", *map(str, halves),
+                    "--out", str(joined)], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    rejoined = json.loads((joined / "heterogeneity.json").read_text())
+    assert rejoined["command"] == "part 0` and `part 1"
+    assert rejoined["wall_seconds"] == 2 * results["wall_seconds"]
+    for setting, entry in results["settings"].items():
+        assert rejoined["settings"][setting]["runs"] == entry["runs"]
+        assert set(rejoined["settings"][setting]["summary"]) == set(METHODS)
+
 
 def test_defaults_quick_writes_every_combination(tmp_path):
     sys.path.insert(0, str(ROOT))
