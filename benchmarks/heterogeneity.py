@@ -371,6 +371,7 @@ def write_report(out: Path, meta: dict, runs: list[dict], settings: list[str],
         by_method = {
             m: [r for r in runs if r["setting"] == setting and r["method"] == m] for m in methods
         }
+        by_method = {m: rs for m, rs in by_method.items() if rs}  # joined files may differ
         summary = {m: summarize(rs, at, setting_target(setting)) for m, rs in by_method.items()}
         png = out / f"heterogeneity-{setting}.png"
         plot(setting, by_method, png)
