@@ -21,6 +21,7 @@ import numpy as np
 from task.records import CLIENT_STATE_FOLDER
 from task.config import ConfigError, RunConfig
 from task.files import save_npz
+from task.metrics import is_temperature
 
 CHECKPOINT = "checkpoint.npz"
 # Keys a resumed run may change; any other difference is a different experiment.
@@ -97,9 +98,7 @@ def load_checkpoint(folder: Path) -> Checkpoint:
     if not isinstance(run_id, str):
         raise ConfigError(f"resume-from: {path}: metadata 'run_id' = {run_id!r} is not a string")
     temperature = meta.get("temperature", 1.0)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-        np.isfinite(temperature) and temperature > 0
-    ):
+    if not is_temperature(temperature):
         raise ConfigError(f"resume-from: {path}: metadata 'temperature' = {temperature!r} is not a positive number")
     return Checkpoint(
         meta["round"], meta["state_key"], meta["config"], global_arrays, strategy, meta["strategy"],

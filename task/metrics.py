@@ -80,6 +80,14 @@ def tempered(probs: np.ndarray, temperature: float) -> np.ndarray:
     return weights / weights.sum(axis=1, keepdims=True)
 
 
+def is_temperature(value: Any) -> bool:
+    """Whether `value` (e.g. read from a file) can be a temperature: a finite positive number."""
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool)
+        and bool(np.isfinite(value)) and value > 0
+    )
+
+
 def temperature_metric(temperature: float) -> str:
     return f"{TEMPERATURE_NLL_PREFIX}{temperature:g}"
 

@@ -40,7 +40,7 @@ import torch
 
 from task.config import ConfigError, RunConfig, parse_run_config
 from task.data import DataSpec, model_inputs
-from task.metrics import classification_metrics, predict_probs
+from task.metrics import classification_metrics, is_temperature, predict_probs
 from task.models import build_model, resolve_device
 from task.params import load_record, numpy_to_record
 from task.uncertainty import entropy_threshold, mutual_information, predictive_entropy
@@ -114,9 +114,7 @@ def load_global_model(run_dir: str | Path) -> GlobalModel:
         like = {k: v.shape for k, v in build_model(cfg, spec).state_dict().items()}
         quantiles = _test_entropy_quantiles(card.get(TEST_ENTROPY))
         temperature = card.get(TEMPERATURE, 1.0)  # cards from before temperatures: raw logits
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            np.isfinite(temperature) and temperature > 0
-        ):
+        if not is_temperature(temperature):
             raise TypeError(f"{TEMPERATURE} {temperature!r} is not a positive number")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
             RuntimeError) as err:

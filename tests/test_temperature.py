@@ -5,7 +5,9 @@ predict`), kept by checkpoints, and never touching training."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -96,3 +98,13 @@ def test_checkpoints_keep_the_temperature(tmp_path):
 def test_a_bad_temperature_is_refused(value):
     with pytest.raises(ConfigError, match="predictive-temperature"):
         parse_run_config({"predictive-temperature": value})
+
+
+@pytest.mark.parametrize("value", [0, -0.5, "hot", True, None])
+def test_a_model_card_with_a_bad_temperature_is_one_clear_line(fedavg_runs, tmp_path, value):
+    folder = tmp_path / "run"
+    shutil.copytree(fedavg_runs[1], folder)
+    card = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps(card | {"temperature": value}))
+    with pytest.raises(ConfigError, match="temperature .* is not a positive number"):
+        load_global_model(folder)
