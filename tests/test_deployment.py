@@ -26,6 +26,7 @@ import pytest
 from client_app.state import read_state_file, state_digest
 from scripts.federation import Federation
 from server_app.checkpoint import load_checkpoint
+from task.config import ConfigError
 from task.methods import METHODS
 from tests.flower_runs import run_config_string
 
@@ -109,6 +110,13 @@ def rounds_written(out: Path) -> list[dict]:
         return json.loads((out / "results.json").read_text())["rounds"]
     except (FileNotFoundError, json.JSONDecodeError):
         return []
+
+
+def checkpointed_round(out: Path) -> int:
+    try:
+        return load_checkpoint(out).round
+    except ConfigError:  # not written yet
+        return 0
 
 
 def wait_for(condition, timeout: float, what: str, poll: float = 1.0):
@@ -270,7 +278,9 @@ def server_crash_drill(federation, tmp_path_factory):
                               "round-timeout": 300, "output-dir": str(out)}
     )
     first_run = submit(federation, settings)
-    wait_for(lambda: len(rounds_written(out)) >= 2, 300, "round 2", poll=0.2)
+    # results.json gets a round's entry just before its checkpoint is written: wait for the
+    # checkpoint, which is what the kill is meant to follow.
+    wait_for(lambda: checkpointed_round(out) >= 2, 300, "the round-2 checkpoint", poll=0.2)
     serverapps = [
         pid for pid in federation.processes("superlink")
         if "flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
