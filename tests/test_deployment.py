@@ -216,7 +216,8 @@ def crash_drill(federation, tmp_path_factory):
     )
     # Between rounds, not while the node uploads a reply: a reply cut off mid-upload stalls the
     # ServerApp for Flower's 180 s object-push session, whatever the round timeout.
-    wait_for(lambda: rounds_written(out), 240, "round 1", poll=0.2)
+    # The checkpoint, written just after results.json, names the state key the files carry.
+    wait_for(lambda: checkpointed_round(out) >= 1, 240, "the round-1 checkpoint", poll=0.2)
     federation.stop_node(victim, crash=True)
     # Nothing writes the file once the node is dead: this is the state it died with. Clients
     # file it under the run's state key, which the checkpoint carries.
