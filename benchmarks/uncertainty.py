@@ -15,9 +15,12 @@ broader posterior would pay.
     python benchmarks/uncertainty.py --jobs 2    # the measurement (3 seeds, 20 rounds)
     python benchmarks/uncertainty.py --quick     # smoke run: 1 seed, 2 rounds
     python benchmarks/uncertainty.py --run-config "dataset='mnist1d' num-server-rounds=100"
+    python benchmarks/uncertainty.py --setting mnist1d-patho2 --rounds 100 --jobs 2
 
 `--run-config` sets other keys for every run (Flower's "key=value ..." syntax), e.g. another
-data set: its OOD sets are task/ood.py's for that data set.
+data set: its OOD sets are task/ood.py's for that data set. `--setting` runs one setting of
+benchmarks/heterogeneity.py instead of the defaults, each method with its tuned preset there
+(the federations of its tables, with the uncertainty evaluation read from their last round).
 
 Writes uncertainty.md and uncertainty.json to --out (default benchmarks/results).
 """
@@ -41,6 +44,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from benchmarks.common import (  # noqa: E402
     add_jobs, benchmark_parser, command_line, machine, mean_std, save_report, start_worker,
 )
+from benchmarks.heterogeneity import SETTINGS, num_nodes, run_overrides  # noqa: E402
 from task.ood import SHIFT_LEVELS  # noqa: E402
 
 NUM_NODES = 10
@@ -96,15 +100,15 @@ def scaled_posterior_numbers(folder: str, keys: dict, scales: tuple[float, ...])
     return numbers
 
 
-def _run(job: tuple[str, int, dict, tuple[float, ...]]) -> dict:
+def _run(job: tuple[str, int, dict, tuple[float, ...], int]) -> dict:
     """One federation (in a worker process); the last round's numbers per predictive."""
     start_worker()
     from benchmarks.inprocess import simulate
 
-    method, seed, keys, scales = job
+    method, seed, keys, scales, nodes = job
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
-        outputs = simulate({**keys, "output-dir": folder}, NUM_NODES)
+        outputs = simulate({**keys, "output-dir": folder}, nodes)
         last = outputs.results["rounds"][-1]
         scaled = scaled_posterior_numbers(folder, keys, scales) if "bma" in last["uncertainty"] else {}
     return {"method": method, "seed": seed, "overrides": keys, "round": last["round"],
@@ -161,26 +165,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_jobs(parser)
     parser.add_argument("--run-config", default="",
                         help='"key=value ..." for every run, e.g. "dataset=\'mnist1d\'"')
+    parser.add_argument("--setting", choices=sorted(SETTINGS),
+                        help="a heterogeneity setting, each method with its tuned preset there")
+    parser.add_argument("--rounds", type=int, help="rounds per federation")
+    parser.add_argument("--scales", nargs="+", type=float,
+                        help="the posterior precision's scales for the BMA (1: as fitted)")
     args = parser.parse_args(argv)
     from flwr.common.config import parse_config_args
 
     args.overrides = parse_config_args([args.run_config]) if args.run_config else {}
     defaults = QUICK if args.quick else FULL
     args.seeds = args.seeds if args.seeds is not None else defaults["seeds"]
-    args.rounds, args.mc, args.scales = defaults["rounds"], defaults["mc"], defaults["scales"]
+    args.rounds = args.rounds if args.rounds is not None else defaults["rounds"]
+    args.scales = tuple(args.scales) if args.scales else defaults["scales"]
+    if args.setting and args.rounds is None:
+        parser.error("--setting needs --rounds (its presets are 100-round runs)")
+    args.mc = defaults["mc"]
     return args
+
+
+def method_keys(method: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """One federation's keys: the defaults but the method's own, or with --setting the tuned
+    preset heterogeneity.py runs there; then the run's size and --run-config."""
+    if args.setting:
+        keys = run_overrides(method, args.setting, seed, args.rounds, args.mc)
+    else:
+        keys = METHODS[method] | {"fraction-evaluate": 0.0, "seed": seed}
+        keys |= {} if args.rounds is None else {"num-server-rounds": args.rounds}
+        keys |= {} if args.mc is None else {"eval-mc-samples": args.mc}
+    return keys | args.overrides
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the worker processes
     started = time.perf_counter()
-    extra = {"fraction-evaluate": 0.0}
-    extra |= {} if args.rounds is None else {"num-server-rounds": args.rounds}
-    extra |= {} if args.mc is None else {"eval-mc-samples": args.mc}
-    extra |= args.overrides
-    jobs = [(m, seed, {**keys, **extra, "seed": seed}, args.scales)
-            for m, keys in METHODS.items() for seed in args.seeds]
+    nodes = num_nodes(args.setting) if args.setting else NUM_NODES
+    jobs = [(m, seed, method_keys(m, args, seed), args.scales, nodes)
+            for m in METHODS for seed in args.seeds]
     print(f"{len(jobs)} federations, {args.jobs} at once", flush=True)
     runs = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -200,13 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     rounds = runs[0]["round"]
     results = {
         "command": command_line("uncertainty.py", argv), "overrides": args.overrides,
-        "num_nodes": NUM_NODES, "rounds": rounds, "seeds": args.seeds,
+        "setting": args.setting, "num_nodes": nodes, "rounds": rounds, "seeds": args.seeds,
         "machine": machine(), "wall_seconds": time.perf_counter() - started,
         "summary": summary, "scaled_posterior": scaled, "runs": runs,
     }
-    data = runs[0]["overrides"].get("dataset", "digits")
+    data = args.setting or runs[0]["overrides"].get("dataset", "digits")
     text = (f"# Uncertainty of the global model\n\n`{results['command']}`: {data}, "
-            f"{NUM_NODES} clients, round {rounds}, overrides {args.overrides or 'none'}; wall time "
+            f"{nodes} clients, round {rounds}, overrides {args.overrides or 'none'}; wall time "
             f"{results['wall_seconds'] / 60:.1f} min on {results['machine']}.\n\n"
             + markdown_table(summary, args.seeds) + "\n\n## BayesADMM's BMA with the posterior "
             "precision scaled\n\n" + markdown_table(scaled, args.seeds) + "\n")

@@ -116,6 +116,27 @@ def test_uncertainty_quick_reports_mean_and_bma(tmp_path):
     assert set(results["scaled_posterior"]) == {f"precision x{s:g}" for s in QUICK["scales"]}
 
 
+def test_uncertainty_quick_on_a_heterogeneity_setting_runs_its_tuned_presets(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.heterogeneity import method_config
+
+    results, table = _run_quick(
+        "uncertainty", tmp_path / "results", "--setting", "mnist1d-patho2", "--rounds", "2",
+        "--scales", "1", "0.001",
+    )
+    assert results["setting"] == "mnist1d-patho2" and results["num_nodes"] == 10
+    for run in results["runs"]:
+        assert run["round"] == 2
+        preset = method_config(run["method"], "mnist1d")
+        preset.pop("eval-mc-samples", None)  # --quick draws fewer weights for the BMA
+        assert {k: run["overrides"][k] for k in preset} == preset  # the tuned preset, unchanged
+        assert run["overrides"]["classes-per-client"] == 2
+    assert set(results["scaled_posterior"]) == {"precision x1", "precision x0.001"}
+    bma = results["summary"]["bayes-admm"]["bma"]
+    assert results["scaled_posterior"]["precision x1"]["bma"] == bma
+    assert "AUROC MI shuffled" in table  # MNIST-1D's OOD sets
+
+
 def test_personalization_quick_reports_every_method_global_and_personal(tmp_path):
     sys.path.insert(0, str(ROOT))
     from benchmarks.personalization import METHODS, QUICK, ROWS
