@@ -20,6 +20,10 @@ fitted global posterior.
     python benchmarks/heterogeneity.py --quick         # smoke run: 1 seed, 4 rounds, 2 settings
     python benchmarks/heterogeneity.py --settings digits-patho2 --methods fedavg bayes-admm
     python benchmarks/heterogeneity.py --from-json A/heterogeneity.json B/heterogeneity.json  # join, re-plot
+    python benchmarks/heterogeneity.py --methods fedavg fedpa --run-config "server-momentum=0.9"
+
+`--run-config` sets keys for every run on top of the presets and the setting (Flower's
+"key=value ..." syntax): a diagnostic outside the fair tuning, recorded in the report's command.
 
 Writes heterogeneity.md (the tables), heterogeneity.json (the tables' numbers and every run's
 per-round metrics) and heterogeneity-<setting>.png (test accuracy and NLL per round, mean and
@@ -303,8 +307,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--from-json", type=Path, nargs="+",
                         help="re-render the tables and plots of saved heterogeneity.json files, "
                         "their runs joined (a later file's run of a method, setting and seed wins)")
+    parser.add_argument("--run-config", default="",
+                        help='"key=value ..." for every run, over the presets and the setting')
     add_jobs(parser)
     args = parser.parse_args(argv)
+    from flwr.common.config import parse_config_args
+
+    args.overrides = parse_config_args([args.run_config]) if args.run_config else {}
     defaults = QUICK if args.quick else {
         "rounds": max(REPORT_ROUNDS), "seeds": [0, 1, 2], "settings": list(SETTINGS), "mc": None,
     }
@@ -314,6 +323,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.eval_mc_samples is None:
         args.eval_mc_samples = defaults["mc"]
     return args
+
+
+def federation_jobs(args: argparse.Namespace) -> list[tuple[str, str, int, dict]]:
+    """(method, setting, seed, run config) of every federation the arguments ask for."""
+    return [
+        (method, setting, seed,
+         run_overrides(method, setting, seed, args.rounds, args.eval_mc_samples) | args.overrides)
+        for setting in args.settings for method in args.methods for seed in args.seeds
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -332,11 +350,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the worker processes
     started = time.perf_counter()
-    jobs = [
-        (method, setting, seed,
-         run_overrides(method, setting, seed, args.rounds, args.eval_mc_samples))
-        for setting in args.settings for method in args.methods for seed in args.seeds
-    ]
+    jobs = federation_jobs(args)
     print(f"{len(jobs)} federations ({len(args.settings)} settings x {len(args.methods)} methods "
           f"x {len(args.seeds)} seeds, {args.rounds} rounds), {args.jobs} at once", flush=True)
     # Longest first, so that no core idles at the end while one long federation finishes;

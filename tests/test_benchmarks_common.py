@@ -45,3 +45,20 @@ def test_save_report_writes_markdown_and_json_and_prints_the_markdown(tmp_path, 
     assert (out / "bench.md").read_text() == "# Title\n"
     assert json.loads((out / "bench.json").read_text()) == {"k": 1}
     assert "# Title" in capsys.readouterr().out
+
+
+def test_heterogeneity_run_config_reaches_every_federation_over_its_preset():
+    from benchmarks.heterogeneity import federation_jobs, parse_args, run_overrides
+
+    args = parse_args(["--settings", "mnist1d-patho2-k100", "--methods", "fedavg", "fedpa",
+                       "--seeds", "0", "1", "--rounds", "20",
+                       "--run-config", "server-lr=0.5 server-momentum=0.9"])
+    jobs = federation_jobs(args)
+    assert [(m, s) for m, _, s, _ in jobs] == [("fedavg", 0), ("fedavg", 1), ("fedpa", 0), ("fedpa", 1)]
+    for method, setting, seed, config in jobs:
+        assert config == run_overrides(method, setting, seed, 20, None) | {
+            "server-lr": 0.5, "server-momentum": 0.9}
+        assert config["fraction-train"] == 0.1 and config["num-server-rounds"] == 20
+    # without it, the presets as they are
+    plain = federation_jobs(parse_args(["--settings", "mnist1d-patho2", "--methods", "fedpa"]))
+    assert all(c["server-momentum"] == 0.0 for *_, c in plain)
