@@ -34,6 +34,30 @@ def add_seeds_and_rounds(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int)
 
 
+def add_run_config(parser: argparse.ArgumentParser, help: str) -> None:
+    """--run-config "key=value ..." (Flower's syntax), parsed into `args.overrides` (a dict)."""
+    parser.add_argument("--run-config", dest="overrides", type=_config_args, default={}, help=help)
+
+
+def _config_args(text: str) -> dict[str, Any]:
+    """The keys of `text`, refused with a one-line reason when a pair is malformed or a key is
+    not one of the app's (a typo would otherwise run the whole benchmark without it)."""
+    from flwr.common.config import parse_config_args
+
+    from benchmarks.inprocess import default_run_config
+
+    try:
+        keys = parse_config_args([text]) if text.strip() else {}
+    except Exception as err:  # Flower raises a click exception with the expected format
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+    if len(keys) != len(shlex.split(text)):
+        raise argparse.ArgumentTypeError(f"{text!r}: every item must be key=value")
+    unknown = sorted(set(keys) - set(default_run_config()))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown run-config key(s) {unknown}")
+    return keys
+
+
 def add_jobs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
                         help="federations run at once, one process each")

@@ -49,8 +49,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
-    add_jobs, add_seeds_and_rounds, benchmark_parser, command_line, machine, mean_std, rounded,
-    save_figure, save_report, saved_runs, start_worker,
+    add_jobs, add_run_config, add_seeds_and_rounds, benchmark_parser, command_line, machine,
+    mean_std, rounded, save_figure, save_report, saved_runs, start_worker,
 )
 
 PRESETS = ROOT / "presets"
@@ -307,13 +307,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--from-json", type=Path, nargs="+",
                         help="re-render the tables and plots of saved heterogeneity.json files, "
                         "their runs joined (a later file's run of a method, setting and seed wins)")
-    parser.add_argument("--run-config", default="",
-                        help='"key=value ..." for every run, over the presets and the setting')
+    add_run_config(parser, '"key=value ..." for every run, over the presets and the setting')
     add_jobs(parser)
     args = parser.parse_args(argv)
-    from flwr.common.config import parse_config_args
-
-    args.overrides = parse_config_args([args.run_config]) if args.run_config else {}
     defaults = QUICK if args.quick else {
         "rounds": max(REPORT_ROUNDS), "seeds": [0, 1, 2], "settings": list(SETTINGS), "mc": None,
     }

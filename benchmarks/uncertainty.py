@@ -42,7 +42,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
-    add_jobs, benchmark_parser, command_line, machine, mean_std, save_report, start_worker,
+    add_jobs, add_run_config, add_seeds_and_rounds, benchmark_parser, command_line, machine,
+    mean_std, save_report, start_worker,
 )
 from benchmarks.heterogeneity import SETTINGS, num_nodes, run_overrides  # noqa: E402
 from task.ood import SHIFT_LEVELS  # noqa: E402
@@ -161,19 +162,14 @@ def markdown_table(summary: dict[str, dict], seeds: list[int]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__, "smoke run: 1 seed, 2 rounds")
-    parser.add_argument("--seeds", nargs="+", type=int)
+    add_seeds_and_rounds(parser)
     add_jobs(parser)
-    parser.add_argument("--run-config", default="",
-                        help='"key=value ..." for every run, e.g. "dataset=\'mnist1d\'"')
+    add_run_config(parser, '"key=value ..." for every run, e.g. "dataset=\'mnist1d\'"')
     parser.add_argument("--setting", choices=sorted(SETTINGS),
                         help="a heterogeneity setting, each method with its tuned preset there")
-    parser.add_argument("--rounds", type=int, help="rounds per federation")
     parser.add_argument("--scales", nargs="+", type=float,
                         help="the posterior precision's scales for the BMA (1: as fitted)")
     args = parser.parse_args(argv)
-    from flwr.common.config import parse_config_args
-
-    args.overrides = parse_config_args([args.run_config]) if args.run_config else {}
     defaults = QUICK if args.quick else FULL
     args.seeds = args.seeds if args.seeds is not None else defaults["seeds"]
     args.rounds = args.rounds if args.rounds is not None else defaults["rounds"]

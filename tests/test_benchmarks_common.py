@@ -8,7 +8,8 @@ import math
 import pytest
 
 from benchmarks.common import (
-    add_jobs, add_seeds_and_rounds, benchmark_parser, command_line, mean_std, rounded, save_report,
+    add_jobs, add_run_config, add_seeds_and_rounds, benchmark_parser, command_line, mean_std, rounded,
+    save_report,
 )
 
 
@@ -45,6 +46,19 @@ def test_save_report_writes_markdown_and_json_and_prints_the_markdown(tmp_path, 
     assert (out / "bench.md").read_text() == "# Title\n"
     assert json.loads((out / "bench.json").read_text()) == {"k": 1}
     assert "# Title" in capsys.readouterr().out
+
+
+def test_run_config_option_parses_flowers_syntax_into_overrides(capsys):
+    parser = benchmark_parser("Doc.", "smoke")
+    add_run_config(parser, "keys for every run")
+    args = parser.parse_args(["--run-config", "lr=0.02 server-momentum=0.9 dataset='mnist1d'"])
+    assert args.overrides == {"lr": 0.02, "server-momentum": 0.9, "dataset": "mnist1d"}
+    assert parser.parse_args([]).overrides == {}
+    for bad, reason in (("lr", "key=value"), ("lr=", "key=value"), ("lr=0.1 momentum", "key=value"),
+                        ("lerning-rate=0.1", "unknown run-config key(s) ['lerning-rate']")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--run-config", bad])
+        assert reason in capsys.readouterr().err, bad
 
 
 def test_heterogeneity_run_config_reaches_every_federation_over_its_preset():
