@@ -177,7 +177,9 @@ def test_a_stopped_flwr_simulation_resumes_with_every_nodes_duals(tmp_path):
     from tests.flower_runs import LocalFederation
 
     out = tmp_path / "out"
-    rounds = 40  # enough that `flwr stop` lands before the end
+    # Far more than run before `flwr stop` lands: a stop takes effect seconds after it is sent,
+    # and on an idle machine 40 rounds of this model ended first. The resume runs only 2 more.
+    rounds = 400
     settings = ("strategy='bayes-admm' optimizer='ivon' model='logreg' local-epochs=1 "
                 "fraction-evaluate=0.0 eval-mc-samples=2")
     federation = LocalFederation(tmp_path / "flwr-home")
