@@ -4,13 +4,17 @@ training pool (`server-val-fraction`: no client trains on it, and the test set s
 the best candidate becomes `presets/<method>-<dataset>.toml`, which benchmarks/heterogeneity.py
 then runs on every setting of that data set.
 
-A candidate starts from the method's digits preset (the network swapped for the data set's) and
-changes only the keys of its grid (GRIDS, 6 candidates each): the learning rate for every method;
-for the IVON methods also the Hessian's start and averaging (IVON's two regimes), two weight
-samples per step, and BayesADMM's penalty rho and temperature; rho for classic ADMM.
-Score: the validation accuracy averaged over the last 3 rounds (ties: lower NLL).
+A candidate starts from the method's digits preset with the data set's keys (DATASET_KEYS: its
+network, and the same local work for every method: 5 epochs of batches of 64) and changes only
+the keys of its grid (GRIDS, 6 candidates each): the learning rate for every method; the server
+step (plain, or server SGD with momentum) for the methods that have one, FedAvg, FedAvg-IVON and
+FedPA; for BayesADMM also its penalty rho, two weight samples per step and the temperature; rho
+for classic ADMM. Score: the validation accuracy averaged over the last 3 rounds (ties: lower
+NLL). The horizon is half the benchmark's 100 rounds: at 10 rounds a server momentum buffer has
+not built up, and a short horizon favours the methods that start fast (docs/BENCHMARKS.md,
+"The server step").
 
-    python benchmarks/tune.py                       # MNIST-1D 2-classes, 10 nodes, 30 rounds
+    python benchmarks/tune.py --jobs 2              # MNIST-1D 2-classes, 10 nodes, 50 rounds
     python benchmarks/tune.py --rounds 15 --jobs 2  # shorter
     python benchmarks/tune.py --quick --out /tmp/t  # smoke run: 2 rounds, 1,000 signals
 
@@ -44,23 +48,35 @@ SETTING = "mnist1d-patho2"
 DATASET = SETTINGS[SETTING]["dataset"]
 SEED = 100  # not one of the benchmark's seeds (0, 1, 2)
 VAL_FRACTION = 0.1
-MODEL = {"mnist1d": {"model": "cnn1d"}}  # the network each tuned data set needs
-# The same number of candidates for every method (GRID_SIZE). IVON gets two regimes: the small
-# rates at hess-init 1e-3 the digits presets use, and IVON's own recipe for networks (a large
-# initial Hessian that beta2 near 1 keeps, with rates near SGD's), which on MNIST-1D trains the
-# CNN where the first does not (docs/BENCHMARKS.md, "IVON's two regimes"). Two weight samples per
-# step (twice the client's compute) are one candidate of each IVON method.
+ROUNDS = 50
+# The network each tuned data set needs, and one local budget for every method: BayesADMM's
+# digits preset takes 10 epochs where the others take 5, and batches of 64 bring the benchmark's
+# full size within 90 minutes on two cores (docs/BENCHMARKS.md, "What the full size costs").
+DATASET_KEYS = {"mnist1d": {"model": "cnn1d", "local-epochs": 5, "batch-size": 64}}
+# The same number of candidates for every method (GRID_SIZE). The methods with a server step get
+# the plain one and FedPA's reference server SGD (spec, section 4), each at three client rates.
+# FedAvg's IVON client takes IVON's recipe for networks (a large initial Hessian that beta2 near 1
+# keeps, with rates near SGD's); the small rates at hess-init 1e-3 of the digits presets do not
+# train this CNN (docs/BENCHMARKS.md, "IVON's two regimes"). Where a winner sat at its grid's
+# edge, that grid was moved one step out and the tuning run again, for every method alike, until
+# each winner was inside or next to a diverged point (docs/BENCHMARKS.md, "Tuning": all passes).
+PLAIN_STEP = {"server-lr": 1.0, "server-momentum": 0.0}
+MOMENTUM_STEP = {"server-lr": 0.5, "server-momentum": 0.9}
 IVON_RECIPE = {"hess-init": 0.5, "beta2": 0.99999}
+
+
+def _with_server_step(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [point | step for point in points for step in (PLAIN_STEP, MOMENTUM_STEP)]
+
+
 GRIDS: dict[str, list[dict[str, Any]]] = {
-    "fedavg": [{"lr": lr} for lr in (0.003, 0.01, 0.02, 0.03, 0.05, 0.1)],
-    "fedavg-ivon": [{"lr": lr} for lr in (3e-4, 1e-3)]
-    + [{"lr": lr} | IVON_RECIPE for lr in (0.05, 0.2, 0.5)]
-    + [{"lr": 0.2} | IVON_RECIPE | {"mc-samples": 2}],
-    "fedpa": [{"lr": lr} for lr in (0.01, 0.03, 0.05, 0.1, 0.2, 0.3)],
-    "bayes-admm": [{"lr": lr, "rho": rho} for lr in (1e-3, 3e-3) for rho in (0.5, 2.0)]
-    + [{"lr": 3e-3, "rho": 2.0, "mc-samples": 2},
+    "fedavg": _with_server_step([{"lr": lr} for lr in (0.05, 0.1, 0.2)]),
+    "fedavg-ivon": _with_server_step([{"lr": lr} | IVON_RECIPE for lr in (0.05, 0.1, 0.2)]),
+    "fedpa": _with_server_step([{"lr": lr} for lr in (0.02, 0.05, 0.1)]),
+    "bayes-admm": [{"lr": lr, "rho": rho} for lr in (1e-2, 3e-2) for rho in (2.0, 8.0)]
+    + [{"lr": 1e-2, "rho": 2.0, "mc-samples": 2},
        {"lr": 0.03, "rho": 2.0, "temperature": 0.1, "hess-init": 0.1}],
-    "admm": [{"lr": lr, "rho": rho} for lr in (0.03, 0.1, 0.3) for rho in (3.0, 10.0)],
+    "admm": [{"lr": lr, "rho": rho} for lr in (0.03, 0.1, 0.3) for rho in (300.0, 1000.0)],
 }
 GRID_SIZE = 6
 QUICK = {"rounds": 2, "data": {"mnist1d-samples": 1000}, "mc": 4}
@@ -73,8 +89,8 @@ IVON_CLIP = {"bayes-admm": {"clip-radius": 10.0}}
 
 
 def base_config(method: str) -> dict[str, Any]:
-    """The method's digits preset with the tuned data set's network (and IVON's clipping)."""
-    config = method_config(method, "digits") | MODEL[DATASET] | IVON_CLIP.get(method, {})
+    """The method's digits preset with the tuned data set's keys (and IVON's clipping)."""
+    config = method_config(method, "digits") | DATASET_KEYS[DATASET] | IVON_CLIP.get(method, {})
     config.pop("mlp-hidden", None)
     return config
 
@@ -145,7 +161,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int)
     add_jobs(parser)
     args = parser.parse_args(argv)
-    args.rounds = args.rounds or (QUICK["rounds"] if args.quick else 30)
+    args.rounds = args.rounds or (QUICK["rounds"] if args.quick else ROUNDS)
     args.presets = args.presets or (args.out if args.quick else ROOT / "presets")
     args.data = QUICK["data"] if args.quick else {}
     args.mc = QUICK["mc"] if args.quick else None
