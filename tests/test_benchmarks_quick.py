@@ -226,18 +226,21 @@ def test_tuning_quick_scores_every_candidate_and_writes_valid_presets(tmp_path):
 
     sys.path.insert(0, str(ROOT))
     from benchmarks.heterogeneity import METHODS
-    from benchmarks.tune import GRID_SIZE, GRIDS, SEED, SETTING, VAL_FRACTION
+    from benchmarks.tune import GRID_SIZE, GRIDS, SEED, TUNING_SETTINGS, VAL_FRACTION
     from task.config import parse_run_config
 
     out = tmp_path / "results"
     methods = ["fedavg", "admm"]
     results, table = _run_quick("tune", out, "--methods", *methods, stem="tuning")
-    assert (results["setting"], results["seed"], results["val_fraction"]) == (
-        SETTING, SEED, VAL_FRACTION)
+    assert (results["settings"], results["seed"], results["val_fraction"]) == (
+        list(TUNING_SETTINGS), SEED, VAL_FRACTION)
     assert set(results["methods"]) == set(methods)
     for method, rows in results["methods"].items():
         assert sorted(map(str, (r["point"] for r in rows))) == sorted(map(str, GRIDS[method]))
-        assert all(0 <= r["val_accuracy"] <= 1 for r in rows)
+        for r in rows:  # scored on every tuning setting, by their mean
+            per_setting = [r["per_setting"][s]["val_accuracy"] for s in TUNING_SETTINGS]
+            assert all(0 <= a <= 1 for a in per_setting)
+            assert r["val_accuracy"] == pytest.approx(sum(per_setting) / len(per_setting))
         best = max(r["val_accuracy"] for r in rows)
         assert rows[0]["val_accuracy"] == best  # the chosen one comes first
         preset = tomllib.loads((out / f"{method}-mnist1d.toml").read_text())
