@@ -66,13 +66,15 @@ def test_heterogeneity_run_config_reaches_every_federation_over_its_preset():
 
     args = parse_args(["--settings", "mnist1d-patho2-k100", "--methods", "fedavg", "fedpa",
                        "--seeds", "0", "1", "--rounds", "20",
-                       "--run-config", "server-lr=0.5 server-momentum=0.9"])
+                       "--run-config", "server-lr=0.7 server-momentum=0.5"])
     jobs = federation_jobs(args)
     assert [(m, s) for m, _, s, _ in jobs] == [("fedavg", 0), ("fedavg", 1), ("fedpa", 0), ("fedpa", 1)]
     for method, setting, seed, config in jobs:
-        assert config == run_overrides(method, setting, seed, 20, None) | {
-            "server-lr": 0.5, "server-momentum": 0.9}
+        preset = run_overrides(method, setting, seed, 20, None)
+        assert (preset["server-lr"], preset["server-momentum"]) != (0.7, 0.5)  # so it shows
+        assert config == preset | {"server-lr": 0.7, "server-momentum": 0.5}
         assert config["fraction-train"] == 0.1 and config["num-server-rounds"] == 20
     # without it, the presets as they are
-    plain = federation_jobs(parse_args(["--settings", "mnist1d-patho2", "--methods", "fedpa"]))
-    assert all(c["server-momentum"] == 0.0 for *_, c in plain)
+    plain = federation_jobs(parse_args(["--settings", "mnist1d-patho2", "--methods", "fedpa",
+                                        "--seeds", "0", "--rounds", "20"]))
+    assert [c for *_, c in plain] == [run_overrides("fedpa", "mnist1d-patho2", 0, 20, None)]
