@@ -12,11 +12,11 @@ FedPA; for BayesADMM also its penalty rho, two weight samples per step and the t
 for classic ADMM. Score: the validation accuracy averaged over the last 3 rounds and over the
 two tuning settings (ties: lower NLL): MNIST-1D with 2 classes per node on 10 nodes that all
 train every round, and on 100 nodes of which 10 train a round, the two participation regimes the
-benchmark runs (a rate tuned on the first alone diverged on the second). The horizon is half the benchmark's 100 rounds: at 10 rounds a server momentum buffer has
-not built up, and a short horizon favours the methods that start fast (docs/BENCHMARKS.md,
-"The server step").
+benchmark runs (a rate tuned on the first alone diverged on the second). The horizon is half the
+benchmark's 100 rounds: at 10 rounds a server momentum buffer has not built up, and a short
+horizon favours the methods that start fast (docs/BENCHMARKS.md, "The server step").
 
-    python benchmarks/tune.py --jobs 2              # MNIST-1D 2-classes, 10 and 100 nodes, 50 rounds
+    python benchmarks/tune.py --jobs 2              # MNIST-1D 2-classes, 10 and 100 nodes
     python benchmarks/tune.py --rounds 15 --jobs 2  # shorter
     python benchmarks/tune.py --quick --out /tmp/t  # smoke run: 2 rounds, 1,000 signals
 
@@ -147,7 +147,8 @@ def preset_text(method: str, chosen: dict[str, Any], rows: list[dict], command: 
     )
     lines = [
         f"# {method} on MNIST-1D, tuned by `{command}`:",
-        f"# {len(rows)} candidates, each run for {rounds} rounds on {' and '.join(TUNING_SETTINGS)}",
+        f"# {len(rows)} candidates, each run for {rounds} rounds on "
+        f"{' and '.join(TUNING_SETTINGS)}",
         f"# (seed {SEED}), scored by accuracy on a validation split of {VAL_FRACTION:.0%} of the",
         "# training pool (never the test set), mean of the last 3 rounds and of the two settings.",
         f"# Candidates (validation accuracy): {grid}.",
@@ -192,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     todo = jobs(args.methods, args.rounds, args.data, args.mc)
     print(f"{len(todo)} federations ({len(args.methods)} methods x {GRID_SIZE} candidates x "
-          f"{len(TUNING_SETTINGS)} settings, {args.rounds} rounds), {args.jobs} at once", flush=True)
+          f"{len(TUNING_SETTINGS)} settings, {args.rounds} rounds), {args.jobs} at once",
+          flush=True)
     runs: dict[str, list[dict]] = {}
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for run in pool.map(_run, todo):
